@@ -1,0 +1,15 @@
+"""hcmemory: a long-lived, compressed LLM memory built on HCAttention.
+
+The public face: ``load_model`` gives a model and tokenizer (the embedded SmolLM2 by default),
+``HCConfig`` says how the KV state is stored, ``HCCache`` is that state as a transformers cache.
+"""
+
+import logging
+
+from .cache import CacheStats, HCCache
+from .config import HCConfig
+from .models import load_model, model_fingerprint, tokenizer_fingerprint
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["CacheStats", "HCCache", "HCConfig", "load_model", "model_fingerprint", "tokenizer_fingerprint"]

@@ -1,0 +1,320 @@
+"""HCCache: the KV state as a transformers ``Cache``, one ``HCLayer`` per transformer layer.
+
+A layer holds its tokens as rows of a few stores:
+
+* key codes next to the model (the codec decides: full keys, VQ indices, packed ints);
+* when keys are compressed, an exact copy of the keys on the host, read only for the rows a
+  step selects (re-scoring) and for the exact window;
+* values, on the host or next to the model;
+* each row's absolute position, and its cumulative attention mass when a policy needs it.
+
+Two lengths are kept apart: ``seen`` (tokens ever appended, which gives positions and is what
+``get_seq_length`` reports to transformers) and ``len(layer)`` (rows kept, which attention spans).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention import ATTN_IMPLEMENTATION, register, set_active_layer
+from .codecs import Codec, make_codec
+from .config import HCConfig
+from .eviction import EvictionPolicy, make_policy, rows_to_keep
+from .stores import CodedRows, RowBuffer
+
+HOST = torch.device("cpu")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def _codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype) -> tuple[Codec, Codec | None, Codec]:
+    """(key codec next to the model, exact host-key codec or None, value codec)."""
+    keys = make_codec(config.key_codec, heads, dim, dtype=dtype, subvector_dim=config.vq_subvector_dim,
+                      centroids=config.vq_centroids, sharing=config.vq_codebook, kmeans_iters=config.kmeans_iters,
+                      axis="channel")
+    host_keys = (make_codec(config.rescore_keys, heads, dim, axis="channel") if config.compressed_keys else None)
+    values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token")
+    return keys, host_keys, values
+
+
+class HCLayer(CacheLayerMixin):
+    """One transformer layer's KV state (see the module docstring for what it holds)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, config: HCConfig, heads: int, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.heads, self.dim = heads, dim
+        self.device, self.dtype = device, dtype
+        key_codec, host_key_codec, value_codec = _codecs_for(config, heads, dim, dtype)
+        growth = config.store_growth
+        self.key_codes = CodedRows(key_codec, device, growth)
+        self.host_keys = None if host_key_codec is None else CodedRows(host_key_codec, HOST, growth)
+        value_device = HOST if config.value_placement == "host" else device
+        self.values = CodedRows(value_codec, value_device, growth)
+        self.positions = RowBuffer(1, (), torch.int64, HOST, growth)
+        self.policy: EvictionPolicy | None = make_policy(config.eviction)
+        self.observes_attention = self.policy is not None and self.policy.uses_attention
+        self.mass = RowBuffer(heads, (), torch.float32, value_device, growth) if self.observes_attention else None
+        self.needs_explicit_attention = config.compressed_keys or self.observes_attention
+        self.seen = 0
+        self.selected_rows = 0
+        self.selectable_rows = 0
+        self.is_initialized = True
+
+    # --- transformers' layer interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Stores are built eagerly from the model config; nothing to do lazily."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the chunk's post-RoPE keys and values; attention then reads them from the stores."""
+        if key_states.shape[0] != 1:
+            raise ValueError("HCCache holds one sequence; use one cache per conversation (batch size 1)")
+        keys, values = key_states[0], value_states[0]
+        n = keys.shape[1]
+        key_codec = self.key_codes.codec
+        if key_codec.needs_fit:
+            if self.config.calibration != "context":
+                raise RuntimeError("VQ codebooks are not calibrated; build the cache with HCCache(model, config) "
+                                   "so it loads or fits them, or use calibration='context'")
+            key_codec.fit(keys.float())
+        self.key_codes.append(keys)
+        if self.host_keys is not None:
+            self.host_keys.append(keys)
+        self.values.append(values)
+        self.positions.append(torch.arange(self.seen, self.seen + n, dtype=torch.int64)[None])
+        if self.mass is not None:
+            self.mass.append(torch.zeros(self.heads, n))
+        self.seen += n
+        set_active_layer(self)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any) -> tuple[int, int]:
+        """Only the chunk's own causal triangle: earlier rows are always visible to it."""
+        return _query_length(query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # transformers 5.2 name
+
+    def reset(self) -> None:
+        self.truncate(0, 0)
+
+    # --- what attention reads ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def exact_window(self, old: int) -> tuple[int, int]:
+        """``(sink_end, recent_start)`` over the ``old`` rows before the current chunk; rows in
+        between are the compressed part (none when keys are exact)."""
+        if not self.config.compressed_keys:
+            return old, old
+        sink_end = min(self.config.sink_tokens, old)
+        return sink_end, max(sink_end, old - self.config.recent_tokens)
+
+    def _exact_key_store(self) -> CodedRows:
+        return self.key_codes if self.host_keys is None else self.host_keys
+
+    def exact_rows(self, a: int, b: int, c: int | None = None, d: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact keys and values of rows ``[a, b)`` (and ``[c, d)``), on the host side."""
+        store = self._exact_key_store()
+        keys, values = store.decoded(a, b), self.values.decoded(a, b)
+        if c is not None and d is not None and d > c:
+            if b > a:
+                keys = torch.cat([keys, store.decoded(c, d)], dim=1)
+                values = torch.cat([values, self.values.decoded(c, d)], dim=1)
+            else:
+                keys, values = store.decoded(c, d), self.values.decoded(c, d)
+        return keys.to(self.values.device), values
+
+    def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Approximate ``q·k`` for rows ``[start, stop)`` from the codes, next to the model."""
+        return self.key_codes.codec.score(queries.to(self.device, torch.float32), self.key_codes.codes(start, stop))
+
+    def host_keys_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self._exact_key_store().gather_decoded(index).to(self.values.device)
+
+    def values_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self.values.gather_decoded(index)
+
+    def record_selection(self, selected: int, selectable: int) -> None:
+        self.selected_rows += selected
+        self.selectable_rows += selectable
+
+    # --- statistics and eviction -------------------------------------------------------------
+    def observe(self, step_mass: torch.Tensor, queries: int) -> None:
+        self.policy.accumulate(self.mass.view(), step_mass, queries)
+
+    def budget_rows(self) -> int | None:
+        budget = self.config.budget
+        if budget is None:
+            return None
+        rows = budget if isinstance(budget, int) else math.ceil(budget * self.seen)
+        return max(rows, self.config.sink_tokens + self.config.recent_tokens + 1)
+
+    def evict_if_needed(self) -> None:
+        """Drop rows beyond the budget; amortized by a small slack so compaction is not per step."""
+        budget = self.budget_rows()
+        if budget is None:
+            return
+        slack = min(64, budget // 8)
+        if len(self) <= budget + slack:
+            return
+        mass = self.mass.view() if self.mass is not None else torch.zeros(self.heads, len(self))
+        score = self.policy.score(mass, self.positions.view()[0]).to(HOST)
+        sinks = self.config.sink_tokens if self.policy.keeps_sinks else 0
+        self.keep(rows_to_keep(score, budget, sinks, self.config.recent_tokens))
+
+    def keep(self, index: torch.Tensor) -> None:
+        for store in self._stores():
+            store.keep(index)
+
+    def truncate(self, rows: int, seen: int) -> None:
+        """Drop rows past ``rows`` and rewind ``seen`` (rollback of a failed or temporary append)."""
+        for store in self._stores():
+            store.truncate(rows)
+        self.seen = seen
+
+    def _stores(self) -> list[CodedRows | RowBuffer]:
+        stores: list[CodedRows | RowBuffer] = [self.key_codes, self.values, self.positions]
+        if self.host_keys is not None:
+            stores.append(self.host_keys)
+        if self.mass is not None:
+            stores.append(self.mass)
+        return stores
+
+    def device_bytes(self) -> int:
+        """Bytes next to the model: key codes, codebooks, and values when placed there."""
+        total = self.key_codes.nbytes()
+        if self.config.value_placement == "device":
+            total += self.values.nbytes()
+        return total
+
+    def host_bytes(self) -> int:
+        total = 0 if self.host_keys is None else self.host_keys.nbytes()
+        if self.config.value_placement == "host":
+            total += self.values.nbytes()
+        return total
+
+
+def _query_length(query_length: int | torch.Tensor) -> int:
+    # transformers 5.2 passes cache_position (a tensor of the chunk's positions); later versions an int
+    return int(query_length.shape[0]) if isinstance(query_length, torch.Tensor) else int(query_length)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the state holds, measured from the stored tensors."""
+
+    tokens_seen: int
+    tokens_kept: int
+    """Rows kept, summed over layers (divide by ``layers`` for a per-layer figure)."""
+    layers: int
+    device_bytes: int
+    """Next to the model: key codes, codebooks, values when placed there."""
+    host_bytes: int
+    """Host memory: exact keys for re-scoring, values when offloaded."""
+    full_fp16_bytes: int
+    """What a full fp16 cache of every token seen would take."""
+    selected_fraction: float | None
+    """Share of compressed rows read per step (top-p selection), None when nothing was selected."""
+
+    @property
+    def device_ratio(self) -> float:
+        return self.device_bytes / self.full_fp16_bytes if self.full_fp16_bytes else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "device_ratio": self.device_ratio}
+
+
+class HCCache(Cache):
+    """A transformers cache holding one conversation's HCAttention KV state.
+
+    Pass it as ``past_key_values`` to ``model(...)`` or ``model.generate(...)``.  Building it
+    registers the ``hcattention`` attention function and switches the model to it; that function
+    falls back to SDPA for any call that does not come through an HCCache, so the model keeps
+    working with other caches.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: HCConfig | str | None = None) -> None:
+        config = HCConfig.preset(config) if isinstance(config, str) else (config or HCConfig())
+        mc = model.config
+        if getattr(mc, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"HCCache supports model types {SUPPORTED_MODEL_TYPES}, not {mc.model_type!r}")
+        register()
+        if mc._attn_implementation != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        heads = mc.num_key_value_heads
+        dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        param = next(model.parameters())
+        self.config = config
+        self.q_heads = mc.num_attention_heads
+        layers = [HCLayer(config, heads, dim, param.device, param.dtype) for _ in range(mc.num_hidden_layers)]
+        super().__init__(layers=layers)
+        if config.key_codec == "vq" and config.calibration == "shipped":
+            from .calibration import load_or_fit_codebooks
+
+            load_or_fit_codebooks(model, self)
+
+    # --- transformers' cache interface -------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        return _query_length(query_length), 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HCCache holds one sequence; beam search is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("HCCache holds one sequence; num_return_sequences > 1 is not supported")
+
+    # --- state management --------------------------------------------------------------------
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen
+
+    def mark(self) -> tuple[int, list[int]]:
+        """A restore point: tokens seen and rows kept per layer (see ``rollback``)."""
+        return self.seen, [len(layer) for layer in self.layers]
+
+    def rollback(self, mark: tuple[int, list[int]]) -> None:
+        """Forget everything appended since ``mark``, as long as no eviction happened since."""
+        seen, rows = mark
+        for layer, n in zip(self.layers, rows):
+            layer.truncate(n, seen)
+
+    def stats(self) -> CacheStats:
+        layers: list[HCLayer] = self.layers
+        selected = sum(layer.selected_rows for layer in layers)
+        selectable = sum(layer.selectable_rows for layer in layers)
+        per_token_fp16 = 2 * 2 * layers[0].heads * layers[0].dim  # keys + values, 2 bytes each
+        return CacheStats(
+            tokens_seen=self.seen,
+            tokens_kept=sum(len(layer) for layer in layers),
+            layers=len(layers),
+            device_bytes=sum(layer.device_bytes() for layer in layers),
+            host_bytes=sum(layer.host_bytes() for layer in layers),
+            full_fp16_bytes=self.seen * per_token_fp16 * len(layers),
+            selected_fraction=selected / selectable if selectable else None,
+        )

@@ -1,0 +1,169 @@
+"""HCConfig: every knob of the KV state in one validated dataclass, plus named presets.
+
+Validation happens at construction so that a typo fails where it is made, not deep inside a
+forward pass; each error names the field and the values it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+KEY_CODECS = ("none", "vq", "int8", "int4", "int2")
+VALUE_CODECS = ("none", "fp16", "bf16", "int8", "int4", "int2")
+PLACEMENTS = ("host", "device")
+CODEBOOK_SHARING = ("layer", "head", "group")
+CALIBRATION_SOURCES = ("shipped", "context")
+EVICTION_POLICIES = ("none", "hc", "h2o", "streaming", "window")
+RESCORE_KEYS = ("fp16", "int8")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"HCConfig.{name}={value!r} is not valid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check(name: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"HCConfig.{name}={value!r} is not valid; expected {expected}")
+
+
+@dataclass(frozen=True)
+class HCConfig:
+    """How one conversation's KV state is stored, attended and bounded.
+
+    The defaults are the identity configuration (``full``): full-precision keys and values next
+    to the model, nothing selected away, nothing evicted — bit-for-bit what transformers' own
+    cache computes, so every compressing preset can be measured against it.
+    """
+
+    # --- keys next to the model -------------------------------------------------------------
+    key_codec: str = "none"
+    """``none`` (full precision), ``vq`` (codebook indices, the paper's method), ``int8/4/2`` (uniform)."""
+    vq_subvector_dim: int = 4
+    """Dimensions per VQ sub-vector: 2 → codes take 50 % of fp16 keys, 4 → 25 %."""
+    vq_centroids: int = 4096
+    """Codebook size; ≤ 256 stores 8-bit codes, otherwise 16-bit."""
+    vq_codebook: str = "layer"
+    """Codebook sharing: one per ``layer``, per ``head`` (layer × KV head) or per ``group`` of dimensions."""
+    calibration: str = "shipped"
+    """Where VQ codebooks come from: the ``shipped`` calibration text or the ``context``'s own first chunk."""
+    kmeans_iters: int = 12
+
+    # --- host side: exact re-scoring and values ---------------------------------------------
+    rescore: bool = True
+    """Approximate scores only select rows; selected rows are re-scored exactly on the host.
+    ``False`` is the paper's way (approximate weights used directly), kept for comparison."""
+    rescore_keys: str = "fp16"
+    """Precision of the host copy of keys used for re-scoring: ``fp16`` or per-channel ``int8``."""
+    value_codec: str = "none"
+    """How values are stored: ``none`` (model dtype), ``fp16``, ``bf16``, ``int8/4/2`` (per token)."""
+    value_placement: str = "device"
+    """``host`` (CPU memory, where the weighted sum runs) or ``device`` (next to the model)."""
+
+    # --- what attention reads each step -----------------------------------------------------
+    top_p: float = 1.0
+    """Per step, read the smallest set of compressed rows whose approximate mass reaches top_p."""
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    """First ``sink_tokens`` and last ``recent_tokens`` rows are always exact and never evicted."""
+
+    # --- what is kept at all ----------------------------------------------------------------
+    eviction: str = "none"
+    budget: int | float | None = None
+    """Most rows kept per layer: an int, or a float in (0, 1] as a fraction of tokens seen."""
+
+    # --- feeding ----------------------------------------------------------------------------
+    chunk_size: int = 1024
+    store_growth: int = 256
+    """Row buffers grow by at least this many rows (amortized, never whole-cache copies per step)."""
+
+    def __post_init__(self) -> None:
+        _choice("key_codec", self.key_codec, KEY_CODECS)
+        _choice("value_codec", self.value_codec, VALUE_CODECS)
+        _choice("value_placement", self.value_placement, PLACEMENTS)
+        _choice("vq_codebook", self.vq_codebook, CODEBOOK_SHARING)
+        _choice("calibration", self.calibration, CALIBRATION_SOURCES)
+        _choice("eviction", self.eviction, EVICTION_POLICIES)
+        _choice("rescore_keys", self.rescore_keys, RESCORE_KEYS)
+        _choice("vq_subvector_dim", self.vq_subvector_dim, (1, 2, 4, 8))
+        _check("vq_centroids", isinstance(self.vq_centroids, int) and 2 <= self.vq_centroids <= 65536,
+               "an int in [2, 65536]", self.vq_centroids)
+        _check("kmeans_iters", isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1,
+               "an int >= 1", self.kmeans_iters)
+        _check("rescore", isinstance(self.rescore, bool), "True or False", self.rescore)
+        _check("top_p", isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+               "a float in (0, 1]", self.top_p)
+        for name in ("sink_tokens", "recent_tokens"):
+            value = getattr(self, name)
+            _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an int >= 0", value)
+        for name in ("chunk_size", "store_growth"):
+            value = getattr(self, name)
+            _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an int >= 1", value)
+        budget = self.budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                _check("budget", False, "None, an int of rows, or a float fraction in (0, 1]", budget)
+            if isinstance(budget, int):
+                _check("budget", budget > self.sink_tokens + self.recent_tokens,
+                       f"more rows than sink_tokens + recent_tokens ({self.sink_tokens + self.recent_tokens})", budget)
+            else:
+                _check("budget", 0.0 < budget <= 1.0, "a float fraction in (0, 1]", budget)
+        if (self.eviction == "none") != (budget is None):
+            raise ValueError(
+                f"HCConfig.budget={budget!r} with eviction={self.eviction!r}: a budget needs an eviction policy "
+                "('hc', 'h2o', 'streaming', 'window') and a policy needs a budget; set both or neither"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def compressed_keys(self) -> bool:
+        """True when keys outside the exact window are held as approximate codes."""
+        return self.key_codec != "none"
+
+    def replace(self, **changes: Any) -> "HCConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HCConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"HCConfig has no field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "HCConfig":
+        """A named configuration; keyword overrides are applied (and validated) on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown HCConfig preset {name!r}; available presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> list[str]:
+        return list(PRESETS)
+
+
+_HC = dict(key_codec="vq", value_placement="host", value_codec="fp16", rescore=True, top_p=0.9)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # identity: what transformers' DynamicCache computes
+    "full": {},
+    # the paper's budgets: values on host, keys as VQ codes next to the model
+    "hc-25": {**_HC, "vq_subvector_dim": 2},
+    "hc-12.5": {**_HC, "vq_subvector_dim": 4},
+    "hc-12.5-bounded": {**_HC, "vq_subvector_dim": 4, "eviction": "hc", "budget": 4096},
+    # classic policies in the same frame
+    "streaming": {"eviction": "streaming", "budget": 1024},
+    "h2o": {"eviction": "h2o", "budget": 0.25},
+    "kivi-4": {"key_codec": "int4", "value_codec": "int4"},
+    "kivi-2": {"key_codec": "int2", "value_codec": "int2"},
+}

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models of each supported family, and the embedded default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def tiny_model(family: str, **overrides) -> torch.nn.Module:
+    """A randomly initialised model of ``family`` small enough to run many steps in a test."""
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**{**TINY, **extra, **overrides}), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (downloaded and converted once, cached under HCMEMORY_HOME)."""
+    from hcmemory import load_model
+
+    model, tokenizer = load_model()
+    return model.eval(), tokenizer
