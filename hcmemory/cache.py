@@ -14,14 +14,19 @@ Two lengths are kept apart: ``seen`` (tokens ever appended, which gives position
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import ATTN_IMPLEMENTATION, register, set_active_layer
+from .calibration import load_or_fit_codebooks
 from .codecs import Codec, make_codec
 from .config import HCConfig
 from .eviction import EvictionPolicy, make_policy, rows_to_keep
@@ -67,6 +72,7 @@ class HCLayer(CacheLayerMixin):
         self.seen = 0
         self.selected_rows = 0
         self.selectable_rows = 0
+        self.defer_eviction = False
         self.is_initialized = True
 
     # --- transformers' layer interface -------------------------------------------------------
@@ -110,7 +116,7 @@ class HCLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # transformers 5.2 name
 
     def reset(self) -> None:
-        self.truncate(0, 0)
+        self.restore(_LayerMark(0, 0, 0, 0, None))
 
     # --- what attention reads ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -156,7 +162,7 @@ class HCLayer(CacheLayerMixin):
 
     # --- statistics and eviction -------------------------------------------------------------
     def observe(self, step_mass: torch.Tensor, queries: int) -> None:
-        self.policy.accumulate(self.mass.view(), step_mass, queries)
+        self.policy.accumulate(self.mass.writable(), step_mass, queries)
 
     def budget_rows(self) -> int | None:
         budget = self.config.budget
@@ -168,7 +174,7 @@ class HCLayer(CacheLayerMixin):
     def evict_if_needed(self) -> None:
         """Drop rows beyond the budget; amortized by a small slack so compaction is not per step."""
         budget = self.budget_rows()
-        if budget is None:
+        if budget is None or self.defer_eviction:
             return
         slack = min(64, budget // 8)
         if len(self) <= budget + slack:
@@ -182,19 +188,73 @@ class HCLayer(CacheLayerMixin):
         for store in self._stores():
             store.keep(index)
 
-    def truncate(self, rows: int, seen: int) -> None:
-        """Drop rows past ``rows`` and rewind ``seen`` (rollback of a failed or temporary append)."""
+    def snapshot(self) -> "_LayerMark":
+        """A restore point for ``restore``: lengths, counters and (copy-on-write) attention masses."""
+        return _LayerMark(len(self), self.seen, self.selected_rows, self.selectable_rows,
+                          None if self.mass is None else self.mass.fork())
+
+    def restore(self, mark: "_LayerMark") -> None:
+        """Forget everything appended since ``mark`` (no eviction may have run in between)."""
         for store in self._stores():
-            store.truncate(rows)
-        self.seen = seen
+            store.truncate(mark.rows)
+        if mark.mass is not None:
+            mark.mass.truncate(mark.rows)
+            self.mass = mark.mass
+        self.seen, self.selected_rows, self.selectable_rows = mark.seen, mark.selected, mark.selectable
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Everything this layer holds, as tensors (rows and codec tables) and integers."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, store in self._named_stores().items():
+            rows = store.rows if isinstance(store, CodedRows) else store
+            if rows is not None:
+                tensors[f"rows.{name}"] = rows.view()
+            if isinstance(store, CodedRows):
+                tensors.update({f"codec.{name}.{k}": v for k, v in store.codec.state_dict().items()})
+        meta = {"seen": self.seen, "selected_rows": self.selected_rows, "selectable_rows": self.selectable_rows}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, int]) -> None:
+        """Inverse of ``state`` on a freshly built layer of the same configuration."""
+        for name, store in self._named_stores().items():
+            if isinstance(store, CodedRows):
+                prefix = f"codec.{name}."
+                codec_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if codec_state:
+                    store.codec.load_state_dict(codec_state)
+            rows = tensors.get(f"rows.{name}")
+            if rows is None:
+                continue
+            if isinstance(store, CodedRows):
+                store.append_raw(rows)
+            else:
+                store.append(rows)
+        lengths = {len(store) if isinstance(store, CodedRows) else store.len for store in self._stores()}
+        if len(lengths) != 1:
+            raise ValueError(f"checkpoint layer is inconsistent: stores hold {sorted(lengths)} rows")
+        self.seen, self.selected_rows, self.selectable_rows = meta["seen"], meta["selected_rows"], meta["selectable_rows"]
+
+    def fork(self) -> "HCLayer":
+        """A branch sharing every store copy-on-write."""
+        twin = copy.copy(self)
+        twin.key_codes = self.key_codes.fork()
+        twin.host_keys = None if self.host_keys is None else self.host_keys.fork()
+        twin.values = self.values.fork()
+        twin.positions = self.positions.fork()
+        twin.mass = None if self.mass is None else self.mass.fork()
+        return twin
+
+    def _named_stores(self) -> dict[str, CodedRows | RowBuffer]:
+        stores: dict[str, CodedRows | RowBuffer] = {"key_codes": self.key_codes, "values": self.values,
+                                                    "positions": self.positions}
+        if self.host_keys is not None:
+            stores["host_keys"] = self.host_keys
+        if self.mass is not None:
+            stores["mass"] = self.mass
+        return stores
 
     def _stores(self) -> list[CodedRows | RowBuffer]:
-        stores: list[CodedRows | RowBuffer] = [self.key_codes, self.values, self.positions]
-        if self.host_keys is not None:
-            stores.append(self.host_keys)
-        if self.mass is not None:
-            stores.append(self.mass)
-        return stores
+        return list(self._named_stores().values())
 
     def device_bytes(self) -> int:
         """Bytes next to the model: key codes, codebooks, and values when placed there."""
@@ -213,6 +273,15 @@ class HCLayer(CacheLayerMixin):
 def _query_length(query_length: int | torch.Tensor) -> int:
     # transformers 5.2 passes cache_position (a tensor of the chunk's positions); later versions an int
     return int(query_length.shape[0]) if isinstance(query_length, torch.Tensor) else int(query_length)
+
+
+@dataclass(frozen=True)
+class _LayerMark:
+    rows: int
+    seen: int
+    selected: int
+    selectable: int
+    mass: RowBuffer | None
 
 
 @dataclass(frozen=True)
@@ -246,10 +315,13 @@ class HCCache(Cache):
     Pass it as ``past_key_values`` to ``model(...)`` or ``model.generate(...)``.  Building it
     registers the ``hcattention`` attention function and switches the model to it; that function
     falls back to SDPA for any call that does not come through an HCCache, so the model keeps
-    working with other caches.
+    working with other caches.  ``tokenizer`` is only needed to calibrate VQ codebooks on the
+    shipped text the first time for a model (found next to the model when not given);
+    ``calibrate=False`` skips that, for a cache whose codebooks come from a checkpoint.
     """
 
-    def __init__(self, model: torch.nn.Module, config: HCConfig | str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, config: HCConfig | str | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, *, calibrate: bool = True) -> None:
         config = HCConfig.preset(config) if isinstance(config, str) else (config or HCConfig())
         mc = model.config
         if getattr(mc, "model_type", None) not in SUPPORTED_MODEL_TYPES:
@@ -264,10 +336,8 @@ class HCCache(Cache):
         self.q_heads = mc.num_attention_heads
         layers = [HCLayer(config, heads, dim, param.device, param.dtype) for _ in range(mc.num_hidden_layers)]
         super().__init__(layers=layers)
-        if config.key_codec == "vq" and config.calibration == "shipped":
-            from .calibration import load_or_fit_codebooks
-
-            load_or_fit_codebooks(model, self)
+        if config.key_codec == "vq" and config.calibration == "shipped" and calibrate:
+            load_or_fit_codebooks(model, self, tokenizer)
 
     # --- transformers' cache interface -------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -294,15 +364,59 @@ class HCCache(Cache):
     def seen(self) -> int:
         return self.layers[0].seen
 
-    def mark(self) -> tuple[int, list[int]]:
-        """A restore point: tokens seen and rows kept per layer (see ``rollback``)."""
-        return self.seen, [len(layer) for layer in self.layers]
+    @contextmanager
+    def transaction(self, commit: bool = True) -> Iterator[None]:
+        """Run appends that either all stay or leave no trace.
 
-    def rollback(self, mark: tuple[int, list[int]]) -> None:
-        """Forget everything appended since ``mark``, as long as no eviction happened since."""
-        seen, rows = mark
-        for layer, n in zip(self.layers, rows):
-            layer.truncate(n, seen)
+        Eviction is deferred to the end of the block, so that on an error or interrupt (or with
+        ``commit=False``, for a temporary question overlay) the state is rolled back exactly:
+        rows truncated, counters and attention masses restored.
+        """
+        marks = [layer.snapshot() for layer in self.layers]
+        outermost = not self.layers[0].defer_eviction
+        for layer in self.layers:
+            layer.defer_eviction = True
+        try:
+            yield
+        except BaseException:
+            self._restore(marks)
+            raise
+        else:
+            if not commit:
+                self._restore(marks)
+        finally:
+            for layer in self.layers:
+                layer.defer_eviction = not outermost
+        for layer in self.layers:
+            layer.evict_if_needed()
+
+    def _restore(self, marks: list[_LayerMark]) -> None:
+        for layer, mark in zip(self.layers, marks):
+            layer.restore(mark)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, int]]]:
+        """All layers' tensors (keys prefixed ``"{layer}."``) and per-layer integers, for checkpoints."""
+        tensors: dict[str, torch.Tensor] = {}
+        metas = []
+        for i, layer in enumerate(self.layers):
+            layer_tensors, meta = layer.state()
+            tensors.update({f"{i}.{k}": v for k, v in layer_tensors.items()})
+            metas.append(meta)
+        return tensors, metas
+
+    def load_state(self, tensors: dict[str, torch.Tensor], metas: list[dict[str, int]]) -> None:
+        """Fill this (empty, same-configuration) cache from ``state()`` output."""
+        if len(metas) != len(self.layers):
+            raise ValueError(f"checkpoint has {len(metas)} layers, the model has {len(self.layers)}")
+        for i, (layer, meta) in enumerate(zip(self.layers, metas)):
+            prefix = f"{i}."
+            layer.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta)
+
+    def fork(self) -> "HCCache":
+        """A branch of this state: O(1) now, stores are copied only when one side writes."""
+        twin = copy.copy(self)
+        twin.layers = [layer.fork() for layer in self.layers]
+        return twin
 
     def stats(self) -> CacheStats:
         layers: list[HCLayer] = self.layers

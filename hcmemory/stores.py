@@ -8,6 +8,8 @@ makes byte accounting come from real tensors.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .codecs import Codec
@@ -28,6 +30,7 @@ class RowBuffer:
         self.growth = growth
         self.data = torch.empty((heads, 0, *self.row_shape), dtype=dtype, device=device)
         self.len = 0
+        self._shared = False
 
     @property
     def capacity(self) -> int:
@@ -45,7 +48,21 @@ class RowBuffer:
         """The live rows, without copying."""
         return self.data[:, : self.len]
 
+    def writable(self) -> torch.Tensor:
+        """The live rows, for writing in place (takes a private copy first if shared by a fork)."""
+        self._own()
+        return self.view()
+
+    def _own(self, extra: int = 0) -> None:
+        """Copy-on-write: a buffer shared with a fork copies its live rows before any write."""
+        if self._shared:
+            private = torch.empty((self.heads, self.len + max(extra, self.growth), *self.row_shape),
+                                  dtype=self.dtype, device=self.device)
+            private[:, : self.len] = self.data[:, : self.len]
+            self.data, self._shared = private, False
+
     def _reserve(self, rows: int) -> None:
+        self._own(rows)
         need = self.len + rows
         if need <= self.capacity:
             return
@@ -71,6 +88,7 @@ class RowBuffer:
     def keep(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (1-D, ascending, shared by all heads), compacting in place."""
         kept = self.data[:, index.to(self.device)]
+        self._own()
         self.data[:, : kept.shape[1]] = kept
         self.len = kept.shape[1]
 
@@ -78,16 +96,12 @@ class RowBuffer:
         """Drop rows past ``length`` (used to roll back a failed or temporary append)."""
         self.len = min(self.len, length)
 
-    def shrink(self) -> None:
-        """Release capacity beyond the live rows (after a large eviction or before a checkpoint)."""
-        if self.capacity > self.len:
-            self.data = self.data[:, : self.len].clone()
-
-    def clone(self) -> "RowBuffer":
-        copy = RowBuffer(self.heads, self.row_shape, self.dtype, self.device, self.growth)
-        copy.data = self.data[:, : self.len].clone()
-        copy.len = self.len
-        return copy
+    def fork(self) -> "RowBuffer":
+        """A copy that shares storage until either side writes (O(1) now, one copy per side later)."""
+        twin = RowBuffer(self.heads, self.row_shape, self.dtype, self.device, self.growth)
+        twin.data, twin.len = self.data, self.len
+        twin._shared = self._shared = True
+        return twin
 
     def nbytes(self) -> int:
         """Bytes of the live rows (what the state really holds, not the slack reserved for growth)."""
@@ -114,7 +128,10 @@ class CodedRows:
         return 0 if self.rows is None else self.rows.len
 
     def append(self, x: torch.Tensor) -> None:
-        codes = self.codec.encode(x.to(self.device))
+        self.append_raw(self.codec.encode(x.to(self.device)))
+
+    def append_raw(self, codes: torch.Tensor) -> None:
+        """Append rows that are already encoded (restoring a checkpoint)."""
         if self.rows is None:
             self.rows = RowBuffer(codes.shape[0], tuple(codes.shape[2:]), codes.dtype, self.device, self.growth)
         self.rows.append(codes)
@@ -131,6 +148,13 @@ class CodedRows:
     def keep(self, index: torch.Tensor) -> None:
         if self.rows is not None:
             self.rows.keep(index)
+
+    def fork(self) -> "CodedRows":
+        """Shares rows copy-on-write; the codec is shared once fitted (it no longer changes then)."""
+        codec = copy.deepcopy(self.codec) if self.codec.needs_fit else self.codec
+        twin = CodedRows(codec, self.device, self.growth)
+        twin.rows = None if self.rows is None else self.rows.fork()
+        return twin
 
     def truncate(self, length: int) -> None:
         if self.rows is not None:
