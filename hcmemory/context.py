@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .cache import CacheStats, HCCache
+from .chat import ChatFormat
 from .config import HCConfig
 from .prefill import prefill
 
@@ -47,43 +48,62 @@ class HCContext:
         self.config = HCConfig.preset(config) if isinstance(config, str) else (config or HCConfig())
         self.context_id = context_id or uuid.uuid4().hex
         self.cache = HCCache(model, self.config, tokenizer)
+        self.format = ChatFormat.for_tokenizer(tokenizer)
         self.token_ids: list[int] = []
         self.tokens_prefilled = 0
+        self.turn_open = False
+        """True while appended documents sit in a user turn that a question will close."""
         self._lock = threading.RLock()
 
     # --- growing the state -------------------------------------------------------------------
-    def append(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor, progress: bool | None = None
-               ) -> int:
+    def append(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor, progress: bool | None = None,
+               raw: bool = False) -> int:
         """Prefill only the new tokens into the live state; returns how many were added.
 
+        Text goes into a user turn of the chat format (opened if needed, see ``chat.py``) so the
+        next question reads it as its document; token ids and ``raw=True`` text go in verbatim.
         All or nothing: an error or ``KeyboardInterrupt`` midway leaves the context as it was.
         """
-        ids = self._to_ids(content)
+        ids, is_text = self._tokenize(content)
         if not ids:
             return 0
-        with self._lock, self.cache.transaction():
-            self._prefill(ids, progress)
+        with self._lock:
+            frame = is_text and not raw and not self.turn_open
+            if frame:
+                ids = self._to_ids(self._open_turn()) + ids
+            with self.cache.transaction():
+                self._prefill(ids, progress)
             self.token_ids.extend(ids)
             self.tokens_prefilled += len(ids)
+            self.turn_open = self.turn_open or frame
         return len(ids)
 
+    def _open_turn(self) -> str:
+        last = self.token_ids[-1] if self.token_ids else None
+        after_eos = self.tokenizer.decode([last]) if last in self._stop_ids() else None
+        return self.format.open_turn(empty=not self.token_ids, after_eos=after_eos)
+
     def _to_ids(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor) -> list[int]:
+        return self._tokenize(content)[0]
+
+    def _tokenize(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor) -> tuple[list[int], bool]:
+        """(token ids, whether the content was text)."""
         if isinstance(content, str):
-            return self.tokenizer(content, add_special_tokens=False).input_ids
+            return self.tokenizer(content, add_special_tokens=False).input_ids, True
         if isinstance(content, torch.Tensor):
             if content.dtype not in (torch.int32, torch.int64) or content.dim() > 2 or (
                     content.dim() == 2 and content.shape[0] != 1):
                 raise ValueError("token tensors must be integer ids shaped (n,) or (1, n)")
-            return content.flatten().tolist()
+            content = content.flatten().tolist()
         items = list(content)
-        if all(isinstance(x, str) for x in items):
-            return [t for text in items for t in self.tokenizer(text, add_special_tokens=False).input_ids]
+        if items and all(isinstance(x, str) for x in items):
+            return [t for text in items for t in self.tokenizer(text, add_special_tokens=False).input_ids], True
         if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
             vocab = self.model.config.vocab_size
             bad = [x for x in items if not 0 <= x < vocab]
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
-            return items
+            return items, False
         raise TypeError("append() takes a string, a list of strings, or a list/tensor of token ids")
 
     def _prefill(self, ids: list[int], progress: bool | None = None) -> torch.Tensor:
@@ -120,6 +140,7 @@ class HCContext:
             if commit:
                 self.token_ids.extend(prompt + generated)
                 self.tokens_prefilled += len(prompt)
+                self.turn_open = self.turn_open and raw
 
     @torch.inference_mode()
     def next_logits(self, probe: str | Sequence[int]) -> torch.Tensor:
@@ -135,16 +156,15 @@ class HCContext:
             return self._prefill(ids)[0].clone()
 
     def _turn_ids(self, message: str, raw: bool = False) -> list[int]:
-        """The user turn and the assistant's opening, in the tokenizer's chat format when it has one."""
+        """The question closing the open user turn (or a whole new turn) and the assistant's opening."""
         if not message.strip():
             raise ValueError("the question or message is empty")
         if raw:
             text = message
-        elif self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                                      add_generation_prompt=True)
+        elif self.turn_open:
+            text = "\n\n" + message + self.format.close
         else:
-            text = f"\n\nQuestion: {message}\nAnswer:"
+            text = self._open_turn() + message + self.format.close
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _stop_ids(self) -> set[int]:
@@ -199,6 +219,7 @@ class HCContext:
             twin.cache = self.cache.fork()
             twin.token_ids = list(self.token_ids)
             twin.tokens_prefilled = self.tokens_prefilled
+            twin.format, twin.turn_open = self.format, self.turn_open
             twin._lock = threading.RLock()
             return twin
 
@@ -212,6 +233,7 @@ class HCContext:
             self.cache.reset()
             self.token_ids.clear()
             self.tokens_prefilled = 0
+            self.turn_open = False
 
     # --- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -21,8 +21,8 @@ def test_append_then_ask_equals_fresh_context_on_concatenated_text(smollm2):
         grown.append(part)
     fresh = HCContext(model, tokenizer, "full")
     fresh.append(grown.token_ids)  # the same tokens, prefilled in one go
-    question = "What is the vault code at the harbor office?"
-    assert grown.ask(question, max_new_tokens=16) == fresh.ask(question, max_new_tokens=16)
+    question = "\n\nWhat is the vault code at the harbor office?" + grown.format.close
+    assert grown.ask(question, max_new_tokens=16, raw=True) == fresh.ask(question, max_new_tokens=16, raw=True)
     assert torch.allclose(grown.next_logits(" The"), fresh.next_logits(" The"), atol=1e-4)
     assert grown.stats().tokens_prefilled == len(grown), "each token is prefilled exactly once"
 
