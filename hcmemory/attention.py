@@ -131,51 +131,60 @@ def _causal_mask(chunk: int, n: int, device: torch.device, first: int = 0, rows:
 
 
 def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chunk: int, scaling: float) -> torch.Tensor:
-    """One block of ``rows`` queries (stacked over the group: ``(heads, groups * rows, dim)``)."""
-    n = len(layer)
-    old = n - chunk
-    sink_end, recent_start = layer.exact_window(old)
-    host = layer.values.device
-    q_host = q.to(host, torch.float32)
-    groups = q.shape[1] // rows
+    """One block of ``rows`` queries (stacked over the group: ``(heads, groups * rows, dim)``).
 
-    # exact part: sinks + recent window + the chunk itself
+    Columns are the selected compressed rows followed by the exact rows (sinks, recent window,
+    the chunk); one softmax spans both, so the kept probabilities are renormalised over exactly
+    what was read.  When every score is exact and no policy needs the probabilities, the fused
+    SDPA kernel computes it; otherwise the scores are formed explicitly.
+    """
+    n = len(layer)
+    sink_end, recent_start = layer.exact_window(n - chunk)
+    host = layer.values.device
+    heads, groups = layer.heads, q.shape[1] // rows
+    q_host = q.to(host, torch.float32)
+
     k_exact, v_exact = layer.exact_rows(0, sink_end, recent_start, n)
     exact_index = torch.cat([torch.arange(sink_end, device=host), torch.arange(recent_start, n, device=host)])
-    s_exact = (q_host @ k_exact.transpose(-1, -2).float()) * scaling
-    visible = _causal_mask(chunk, exact_index.numel(), host, first, rows)
-    s_exact = s_exact.view(layer.heads, groups, rows, -1).masked_fill(~visible, float("-inf")).flatten(1, 2)
-    scores, values, index = [s_exact], [v_exact], [exact_index.expand(layer.heads, -1)]
-
-    # compressed part: approximate scores select, exact scores weigh
-    if recent_start > sink_end:
-        approx = layer.approx_scores(q, sink_end, recent_start) * scaling
+    keys, values, index, approx_scores = [k_exact], [v_exact], [exact_index.expand(heads, -1)], None
+    selected = 0
+    if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
+        approx = layer.approx_scores(q, sink_end, recent_start)
         chosen = None
         if layer.config.top_p < 1.0:
-            mass = torch.softmax(approx.float(), dim=-1).mean(dim=1)
-            chosen = top_p_select(mass, layer.config.top_p)
+            mass = torch.softmax(approx * scaling, dim=-1).mean(dim=1)
+            chosen = top_p_select(mass, layer.config.top_p, hint=layer.last_selected)
             layer.record_selection(chosen.shape[1], recent_start - sink_end)
-        rows_index = (torch.arange(sink_end, recent_start, device=approx.device).expand(layer.heads, -1)
+        rows_index = (torch.arange(sink_end, recent_start, device=approx.device).expand(heads, -1)
                       if chosen is None else chosen + sink_end)
         if layer.config.rescore:
-            k_sel = layer.host_keys_at(rows_index)
-            s_comp = (q_host @ k_sel.transpose(-1, -2).float()) * scaling
+            keys.insert(0, layer.host_keys_at(rows_index))
         else:
-            s_comp = approx if chosen is None else approx.gather(-1, chosen[:, None, :].expand(-1, approx.shape[1], -1))
-        scores.append(s_comp.to(host, torch.float32))
-        values.append(layer.values_at(rows_index))
-        index.append(rows_index.to(host))
+            approx_scores = approx if chosen is None else approx.gather(
+                -1, chosen[:, None, :].expand(-1, approx.shape[1], -1))
+        values.insert(0, layer.values_at(rows_index))
+        index.insert(0, rows_index.to(host))
+        selected = rows_index.shape[1]
 
-    # one softmax over both parts, merged by log-sum-exp
-    lse = torch.logsumexp(torch.cat([torch.logsumexp(s, dim=-1, keepdim=True) for s in scores], dim=-1),
-                          dim=-1, keepdim=True)
-    out = torch.zeros(q_host.shape, dtype=torch.float32, device=host)
-    observed = torch.zeros(layer.heads, n, device=host) if layer.observes_attention else None
-    for s, v, idx in zip(scores, values, index):
-        p = torch.exp(s - lse)
-        out += p @ v.float()
-        if observed is not None:
-            observed.scatter_add_(1, idx, p.sum(dim=1))
-    if observed is not None:
+    visible = torch.cat([torch.ones(rows, selected, dtype=torch.bool, device=host),
+                         _causal_mask(chunk, exact_index.numel(), host, first, rows)], dim=1)
+    v_all = torch.cat(values, dim=1).float() if len(values) > 1 else values[0].float()
+    if approx_scores is None and not layer.observes_attention:
+        k_all = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
+        out = F.scaled_dot_product_attention(
+            q_host.view(heads, groups, rows, -1), k_all[:, None].float(), v_all[:, None], attn_mask=visible,
+            scale=scaling, enable_gqa=True)
+        return out.reshape(heads, groups * rows, -1)
+
+    scores = q_host @ k_exact.float().transpose(-1, -2)
+    if len(keys) > 1:
+        scores = torch.cat([q_host @ keys[0].float().transpose(-1, -2), scores], dim=-1)
+    elif approx_scores is not None:
+        scores = torch.cat([approx_scores.to(host), scores], dim=-1)
+    scores = (scores * scaling).view(heads, groups, rows, -1).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).flatten(1, 2)
+    if layer.observes_attention:
+        observed = torch.zeros(heads, n, device=host)
+        observed.scatter_add_(1, torch.cat(index, dim=1), probs.sum(dim=1))
         layer.observe(observed, queries=groups * rows)
-    return out
+    return probs @ v_all

@@ -3,8 +3,9 @@
 A layer holds its tokens as rows of a few stores:
 
 * key codes next to the model (the codec decides: full keys, VQ indices, packed ints);
-* when keys are compressed, an exact copy of the keys on the host, read only for the rows a
-  step selects (re-scoring) and for the exact window;
+* when keys are compressed and re-scored, an exact copy of the keys on the host, read only for
+  the rows a step selects and for the exact window (without re-scoring, as in the paper and
+  KIVI, there is no exact copy and every score comes from the codes);
 * values, on the host or next to the model;
 * each row's absolute position, and its cumulative attention mass when a policy needs it.
 
@@ -41,7 +42,8 @@ def _codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype) -> t
     keys = make_codec(config.key_codec, heads, dim, dtype=dtype, subvector_dim=config.vq_subvector_dim,
                       centroids=config.vq_centroids, sharing=config.vq_codebook, kmeans_iters=config.kmeans_iters,
                       axis="channel")
-    host_keys = (make_codec(config.rescore_keys, heads, dim, axis="channel") if config.compressed_keys else None)
+    host_keys = (make_codec(config.rescore_keys, heads, dim, dtype=dtype, axis="channel")
+                 if config.compressed_keys and config.rescore else None)
     values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token")
     return keys, host_keys, values
 
@@ -72,6 +74,7 @@ class HCLayer(CacheLayerMixin):
         self.seen = 0
         self.selected_rows = 0
         self.selectable_rows = 0
+        self.last_selected = 0
         self.defer_eviction = False
         self.is_initialized = True
 
@@ -159,6 +162,7 @@ class HCLayer(CacheLayerMixin):
     def record_selection(self, selected: int, selectable: int) -> None:
         self.selected_rows += selected
         self.selectable_rows += selectable
+        self.last_selected = selected
 
     # --- statistics and eviction -------------------------------------------------------------
     def observe(self, step_mass: torch.Tensor, queries: int) -> None:

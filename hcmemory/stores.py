@@ -80,10 +80,16 @@ class RowBuffer:
         self.len += n
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` (``(heads, k)``, per-head indices) → ``(heads, k, *row)``."""
+        """Rows ``index`` (``(heads, k)``, per-head indices) → ``(heads, k, *row)``.
+
+        One ``index_select`` over the flattened buffer (whole contiguous rows) rather than a
+        ``gather`` with an expanded index: an order of magnitude faster on the CPU.
+        """
         index = index.to(self.device)
-        expanded = index.view(*index.shape, *([1] * len(self.row_shape))).expand(*index.shape, *self.row_shape)
-        return torch.gather(self.view(), 1, expanded)
+        heads, k = index.shape
+        flat = self.data.view(heads * self.capacity, *self.row_shape)
+        offsets = torch.arange(heads, device=self.device)[:, None] * self.capacity
+        return flat.index_select(0, (index + offsets).view(-1)).view(heads, k, *self.row_shape)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` (1-D, ascending, shared by all heads), compacting in place."""

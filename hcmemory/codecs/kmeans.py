@@ -1,0 +1,101 @@
+"""Batched K-means in plain torch, sized for VQ codebooks of short sub-vectors.
+
+The VQ codec fits one codebook per layer, per head or per (head, group) of dimensions; those are
+``b`` independent K-means problems over points of ``d ≤ 8`` dimensions, up to ~100K points and
+4,096 centroids each.  The full ``n × k`` distance matrix of one such problem would take 1.6 GB,
+so distances are computed in row chunks whose size keeps every temporary near ``_CHUNK_ELEMENTS``
+floats, whatever ``b``, ``n`` and ``k`` are.
+
+Initialisation samples ``k`` distinct points per problem (seeded, so fits are reproducible).
+k-means++ would give slightly better starts but needs ``k`` sequential passes over the data —
+4,096 passes is far more than the dozen Lloyd iterations that follow, so random sampling plus
+re-seeding of empty clusters is the better trade here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMENTS = 1 << 20
+"""Upper bound on the floats of one chunk's distance block (4 MiB in float32, cache-friendly)."""
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of and squared distance to the nearest centroid, for every point, chunked over points.
+
+    Uses ``|x|² − 2 x·c + |c|²``: with a constant 1 appended to every point and ``|c|²`` appended
+    to every (−2-scaled) centroid, one batched matmul yields ``|c|² − 2 x·c`` for a whole chunk and
+    one ``min`` finds the winner; the per-point ``|x|²`` does not change the argmin and is added
+    only to the returned distance.
+    """
+    b, n, _ = x.shape
+    k = centroids.shape[1]
+    c_aug = torch.cat([-2.0 * centroids, (centroids * centroids).sum(-1, keepdim=True)], dim=-1).transpose(1, 2)
+    ones = torch.ones(b, 1, 1, device=x.device)
+    chunk = max(1, _CHUNK_ELEMENTS // (b * k))
+    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
+    dist = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, chunk):
+        part = x[:, start:start + chunk]
+        part_aug = torch.cat([part, ones.expand(-1, part.shape[1], -1)], dim=-1)
+        best, idx = torch.bmm(part_aug, c_aug).min(dim=-1)
+        labels[:, start:start + chunk] = idx
+        dist[:, start:start + chunk] = (best + (part * part).sum(-1)).clamp_(min=0.0)
+    return labels, dist
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid of every point: ``x (b, n, d)``, ``centroids (b, k, d)`` → ``LongTensor (b, n)``."""
+    return _nearest(x.float(), centroids.float())[0]
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
+    """Fit ``k`` centroids to each of ``b`` independent point sets ``x (b, n, d)`` → ``(b, k, d)`` float32.
+
+    Runs ``iters`` Lloyd iterations from ``k`` distinct points sampled with ``seed``.  A cluster
+    left empty by an iteration is re-seeded with the points farthest from their current centroid
+    (distinct points per problem), which is where the codebook is doing worst.
+
+    With fewer points than centroids (``n ≤ k``) no clustering is needed: the points themselves
+    are the optimal codebook (zero error).  They are returned in order and the remaining
+    ``k − n`` slots repeat them cyclically, so the shape stays ``(b, k, d)``; the duplicates are
+    harmless because equal centroids decode to the same point whichever one an assignment picks.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"kmeans: x must be (b, n, d), got shape {tuple(x.shape)}")
+    b, n, _ = x.shape
+    if n == 0:
+        raise ValueError("kmeans: x has no points (n=0)")
+    if k < 1:
+        raise ValueError(f"kmeans: k={k} must be >= 1")
+    if iters < 1:
+        raise ValueError(f"kmeans: iters={iters} must be >= 1")
+    x = x.float()
+    if n <= k:
+        return x[:, torch.arange(k, device=x.device) % n].contiguous()
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.rand(b, n, generator=gen).argsort(dim=1)[:, :k].to(x.device)
+    centroids = torch.gather(x, 1, start.unsqueeze(-1).expand(-1, -1, x.shape[2])).contiguous()
+    offsets = (torch.arange(b, device=x.device) * k).unsqueeze(1)  # flat cluster id = problem * k + label
+    flat_x = x.reshape(b * n, -1)
+    for _ in range(iters):
+        labels, dist = _nearest(x, centroids)
+        flat = (labels + offsets).reshape(-1)
+        sums = torch.zeros(b * k, x.shape[2], device=x.device).index_add_(0, flat, flat_x)
+        counts = torch.bincount(flat, minlength=b * k).view(b, k, 1)
+        centroids = torch.where(counts > 0, sums.view(b, k, -1) / counts.clamp(min=1), centroids)
+        centroids = _reseed_empty(x, centroids, counts.squeeze(-1) == 0, dist)
+    return centroids
+
+
+def _reseed_empty(x: torch.Tensor, centroids: torch.Tensor, empty: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Move empty clusters onto far points: a problem's r-th empty cluster takes its r-th farthest point."""
+    most = int(empty.sum(dim=1).max())
+    if most == 0:
+        return centroids
+    far = dist.topk(most, dim=1).indices  # (b, most)
+    rank = (empty.cumsum(dim=1) - 1).clamp(min=0, max=most - 1)  # (b, k)
+    point = torch.gather(far, 1, rank)
+    replacement = torch.gather(x, 1, point.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return torch.where(empty.unsqueeze(-1), replacement, centroids)

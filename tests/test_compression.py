@@ -1,0 +1,170 @@
+"""The compressed path: select-then-exact, the paper's way, eviction guarantees, honest byte counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hcmemory import HCCache, HCConfig
+from hcmemory.attention import attend
+from hcmemory.cache import HCLayer
+from hcmemory.prefill import prefill
+
+from .conftest import tiny_model
+from .test_cache_exact import assert_close, random_ids, run
+
+pytestmark = pytest.mark.core
+
+EXACT_HOST = dict(value_codec="none", rescore_keys="none")
+"""Host copies at model precision, so re-scoring can be compared with full attention exactly."""
+
+
+def filled_layer(config: HCConfig, n: int = 120, heads: int = 2, dim: int = 16, seed: int = 0) -> tuple[HCLayer, ...]:
+    torch.manual_seed(seed)
+    layer = HCLayer(config, heads, dim, torch.device("cpu"), torch.float32)
+    keys, values = torch.randn(1, heads, n, dim), torch.randn(1, heads, n, dim)
+    layer.key_codes.codec.fit(keys[0])
+    layer.update(keys, values)
+    return layer, keys[0], values[0]
+
+
+def reference_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+                        ) -> torch.Tensor:
+    """Plain softmax attention of one query token ``(1, q_heads, 1, dim)`` over ``(heads, n, dim)``."""
+    groups = query.shape[1] // keys.shape[0]
+    k = keys.repeat_interleave(groups, dim=0)
+    v = values.repeat_interleave(groups, dim=0)
+    probs = torch.softmax((query[0] @ k.transpose(-1, -2)) * scaling, dim=-1)
+    return (probs @ v)[None]
+
+
+@pytest.mark.parametrize("codec", ["vq", "int4", "int2"])
+def test_rescoring_with_top_p_one_is_exact_attention(codec):
+    config = HCConfig(key_codec=codec, vq_centroids=16, vq_subvector_dim=2, top_p=1.0, rescore=True,
+                      sink_tokens=4, recent_tokens=16, **EXACT_HOST)
+    layer, keys, values = filled_layer(config)
+    query = torch.randn(1, 4, 1, 16)
+    layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))  # the query's own token
+    keys_all, values_all = layer.exact_rows(0, len(layer))
+    expected = reference_attention(query, keys_all, values_all, 0.25)
+    assert_close(attend(layer, query, 0.25), expected, rel=1e-5)
+
+
+def test_papers_way_is_exact_attention_over_dequantized_keys():
+    config = HCConfig(key_codec="vq", vq_centroids=16, vq_subvector_dim=2, top_p=1.0, rescore=False,
+                      sink_tokens=4, recent_tokens=16, **EXACT_HOST)
+    layer, keys, values = filled_layer(config)
+    query = torch.randn(1, 4, 1, 16)
+    new_k, new_v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    layer.update(new_k, new_v)
+    codec = layer.key_codes.codec
+    approx = codec.decode(codec.encode(torch.cat([keys, new_k[0]], 1)))  # no exact key copy without re-scoring
+    expected = reference_attention(query, approx, torch.cat([values, new_v[0]], 1), 0.25)
+    got = attend(layer, query, 0.25)
+    assert_close(got, expected, rel=1e-5)
+    exact = reference_attention(query, torch.cat([keys, new_k[0]], 1), torch.cat([values, new_v[0]], 1), 0.25)
+    assert not torch.allclose(got, exact, atol=1e-4), "16 centroids must visibly perturb the weights"
+
+
+def test_top_p_selection_reads_fewer_rows_and_stays_close():
+    config = HCConfig(key_codec="vq", vq_centroids=64, vq_subvector_dim=2, top_p=0.9, sink_tokens=4,
+                      recent_tokens=16, **EXACT_HOST)
+    layer, keys, values = filled_layer(config, n=400)
+    # a query aligned with one stored key: the mass concentrates, so few rows are needed
+    query = (keys[0, 200] * 3).repeat(4, 1)[None, :, None, :]
+    layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    got = attend(layer, query, 0.25)
+    keys_all, values_all = layer.exact_rows(0, len(layer))
+    expected = reference_attention(query, keys_all, values_all, 0.25)
+    assert layer.selected_rows < 0.5 * layer.selectable_rows
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rescored_model_logits_equal_full(family):
+    model = tiny_model(family)
+    ids = random_ids(400, model.config.vocab_size, seed=5)
+    expected, tokens = run(model, DynamicCache(config=model.config), ids, steps=8, chunk_size=100)
+    config = HCConfig(key_codec="vq", vq_centroids=32, vq_subvector_dim=2, calibration="context", top_p=1.0,
+                      value_placement="host", **EXACT_HOST)
+    got, got_tokens = run(model, HCCache(model, config), ids, steps=8, chunk_size=100)
+    assert_close(got, expected)
+    assert got_tokens == tokens
+
+
+@pytest.mark.parametrize("policy", ["hc", "h2o", "streaming", "window"])
+def test_eviction_bounds_rows_and_keeps_sinks_and_recent(policy):
+    model = tiny_model("llama")
+    config = HCConfig(eviction=policy, budget=120, sink_tokens=4, recent_tokens=32, chunk_size=64)
+    cache = HCCache(model, config)
+    ids = random_ids(600, model.config.vocab_size, seed=6)
+    prefill(model, cache, ids, chunk_size=64)
+    slack = min(64, 120 // 8)
+    for layer in cache.layers:
+        positions = layer.positions.view()[0].tolist()
+        assert len(layer) <= 120 + slack
+        assert positions == sorted(positions)
+        assert set(range(600 - 32, 600)) <= set(positions), "the recent window is never evicted"
+        if policy != "window":
+            assert {0, 1, 2, 3} <= set(positions), "sinks are never evicted"
+        assert layer.seen == 600
+    assert cache.get_seq_length() == 600
+
+
+def test_eviction_reuses_memory():
+    model = tiny_model("llama")
+    cache = HCCache(model, HCConfig(eviction="streaming", budget=100, chunk_size=50))
+    prefill(model, cache, random_ids(300, model.config.vocab_size), chunk_size=50)
+    capacity = cache.layers[0].values.rows.capacity
+    prefill(model, cache, random_ids(2000, model.config.vocab_size, seed=9), chunk_size=50)
+    assert cache.layers[0].values.rows.capacity == capacity, "freed rows must be reused, not reallocated"
+
+
+def test_h2o_keeps_the_rows_that_received_attention():
+    layer = HCLayer(HCConfig(eviction="h2o", budget=40, sink_tokens=2, recent_tokens=8), 2, 8,
+                    torch.device("cpu"), torch.float32)
+    layer.update(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8))
+    heavy = torch.zeros(2, 100)
+    heavy[:, 10:40] = 1.0
+    layer.observe(heavy, queries=1)
+    layer.evict_if_needed()
+    kept = set(layer.positions.view()[0].tolist())
+    assert set(range(10, 40)) <= kept
+
+
+def test_stats_bytes_are_the_tensors_real_sizes():
+    model = tiny_model("llama")
+    config = HCConfig.preset("hc-12.5", calibration="context")
+    cache = HCCache(model, config)
+    prefill(model, cache, random_ids(300, model.config.vocab_size))
+    stats = cache.stats()
+    device = host = 0
+    for layer in cache.layers:
+        codes = layer.key_codes.rows.view()
+        device += codes.numel() * codes.element_size() + sum(
+            t.numel() * t.element_size() for t in layer.key_codes.codec.state_dict().values())
+        for store in (layer.host_keys, layer.values):
+            rows = store.rows.view()
+            host += rows.numel() * rows.element_size() + sum(
+                t.numel() * t.element_size() for t in store.codec.state_dict().values())
+    assert stats.device_bytes == device and stats.host_bytes == host
+    heads, dim, layers = 2, 16, 2
+    assert stats.full_fp16_bytes == 300 * 2 * 2 * heads * dim * layers
+    # 8-bit codes of 2-dim sub-vectors: a quarter of fp16 keys, an eighth of fp16 KV (plus codebooks)
+    codes_only = 300 * heads * (dim // 2) * layers
+    assert math.isclose(codes_only / stats.full_fp16_bytes, 0.125)
+    assert stats.tokens_seen == 300 and stats.tokens_kept == 300 * layers
+
+
+def test_kivi_codes_shrink_the_bytes():
+    model = tiny_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    ids = random_ids(200, model.config.vocab_size)
+    sizes = {}
+    for preset in ("full", "kivi-4", "kivi-2"):
+        cache = HCCache(model, HCConfig.preset(preset))
+        prefill(model, cache, ids)
+        sizes[preset] = cache.stats().device_bytes + cache.stats().host_bytes
+    assert sizes["kivi-4"] < sizes["full"] / 4 and sizes["kivi-2"] < sizes["kivi-4"] * 0.7
