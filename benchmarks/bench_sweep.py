@@ -1,0 +1,62 @@
+"""Parameter sweep that picks hc defaults from numbers: codebook sharing, centroids, sub-vector
+size, top_p and calibration source, each varied alone around ``hc-12.5``, on needle haystacks.
+
+Run: ``python -m benchmarks.bench_sweep [--tokens 4096] [--seeds 0 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hcmemory import HCConfig, load_model
+
+from .bench_needle import build_case, passed, run_hc
+from .common import print_table, write_results
+
+BASE = HCConfig.preset("hc-12.5")
+VARIANTS: dict[str, dict] = {
+    "hc-12.5 (default)": {},
+    "sharing=layer": {"vq_codebook": "layer"},
+    "sharing=group": {"vq_codebook": "group"},
+    "centroids=64": {"vq_centroids": 64},
+    "centroids=1024 (16-bit codes)": {"vq_centroids": 1024},
+    "s=4, centroids=256 (6.25%)": {"vq_subvector_dim": 4},
+    "s=4, centroids=4096 (paper, 12.5%)": {"vq_subvector_dim": 4, "vq_centroids": 4096, "vq_codebook": "layer"},
+    "top_p=0.8": {"top_p": 0.8},
+    "top_p=0.95": {"top_p": 0.95},
+    "top_p=0.99": {"top_p": 0.99},
+    "calibration=context": {"calibration": "context"},
+    "rescore_keys=int8": {"rescore_keys": "int8"},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model()
+    cases = [build_case(tokenizer, args.tokens, seed) for seed in args.seeds]
+    rows = []
+    for name, change in VARIANTS.items():
+        config = BASE.replace(**change)
+        hits = total = 0
+        start = time.perf_counter()
+        for context, chosen in cases:
+            with torch.inference_mode():
+                answers, extra = run_hc(model, tokenizer, config, context, [n["question"] for n in chosen])
+            hits += sum(passed(a, n["answer"]) for a, n in zip(answers, chosen))
+            total += len(chosen)
+        rows.append({"variant": name, "passed": hits, "total": total, "pass_rate": hits / total,
+                     "device_ratio": extra["device_ratio"], "selected_fraction": extra["selected_fraction"],
+                     "seconds": time.perf_counter() - start})
+        print(f"  {name:<36} {hits}/{total}", flush=True)
+    print_table(rows, list(rows[0]), f"hc-12.5 sweep on {args.tokens}-token needle haystacks (SmolLM2-135M)")
+    print(f"results: {write_results('sweep', rows, tokens=args.tokens)}")
+
+
+if __name__ == "__main__":
+    main()
