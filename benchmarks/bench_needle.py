@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 7680])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="*", default=None, help="subset of method names (default: all)")
+    parser.add_argument("--name", default="needle", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = load_model()
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             log.info("%-40s %5d tokens: %d/%d", name, tokens, hits, total)
     print_table(rows, ["method", "tokens", "passed", "total", "pass_rate", "device_ratio", "selected_fraction",
                        "kept_ratio", "seconds"], "Needle in a haystack on SmolLM2-135M (5 depths per haystack)")
-    print(f"results: {write_results('needle', rows, depths=DEPTHS, kv_ratio=KV_RATIO)}")
+    print(f"results: {write_results(args.name, rows, depths=DEPTHS, kv_ratio=KV_RATIO)}")
 
 
 if __name__ == "__main__":

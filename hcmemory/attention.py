@@ -96,14 +96,13 @@ def attend(layer: "HCLayer", query: torch.Tensor, scaling: float) -> torch.Tenso
     groups = q_heads // heads
     if not layer.needs_explicit_attention:
         return _exact_sdpa(layer, query, scaling)
-    # queries of one KV head stacked: (heads, groups * chunk, dim), query index = g * chunk + i
-    stacked = query[0].reshape(heads, groups * chunk, dim)
-    n = len(layer)
-    block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * n))
+    # the query heads of one KV head side by side; a block stacks them as (heads, groups * rows, dim)
+    grouped = query[0].view(heads, groups, chunk, dim)
+    block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer)))
     outs = []
     for start in range(0, chunk, block):
         stop = min(chunk, start + block)
-        q = stacked.view(heads, groups, chunk, dim)[:, :, start:stop].reshape(heads, groups * (stop - start), dim)
+        q = grouped[:, :, start:stop].reshape(heads, groups * (stop - start), dim)
         outs.append(_attend_block(layer, q, start, stop - start, chunk, scaling).view(heads, groups, stop - start, dim))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.reshape(1, q_heads, chunk, dim).to(query.device, query.dtype)

@@ -198,7 +198,7 @@ class VQCodec(Codec):
     @staticmethod
     def _indices(codes: torch.Tensor) -> torch.Tensor:
         """Codes of either width as int32 in ``[0, c)`` (undoing the two's complement of 16-bit codes)."""
-        return codes.int() & 0xFFFF
+        return codes.int() if codes.dtype == torch.uint8 else codes.int() & 0xFFFF
 
     def _chunks(self, n: int, per_row: int) -> list[tuple[int, int]]:
         """``[start, stop)`` ranges over ``n`` rows, each holding about ``_CHUNK_ELEMENTS`` elements
