@@ -12,8 +12,9 @@ from .cache import CacheStats, HCCache
 from .config import HCConfig
 from .context import ContextStats, HCContext
 from .models import load_model, model_fingerprint, tokenizer_fingerprint
+from .store import CheckpointError, CheckpointNotFoundError, ContextPool, ContextStore
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["CacheStats", "ContextStats", "HCCache", "HCConfig", "HCContext", "load_model", "model_fingerprint",
-           "tokenizer_fingerprint"]
+__all__ = ["CacheStats", "CheckpointError", "CheckpointNotFoundError", "ContextPool", "ContextStats", "ContextStore",
+           "HCCache", "HCConfig", "HCContext", "load_model", "model_fingerprint", "tokenizer_fingerprint"]

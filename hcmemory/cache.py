@@ -223,7 +223,8 @@ class HCLayer(CacheLayerMixin):
         for name, store in self._named_stores().items():
             if isinstance(store, CodedRows):
                 prefix = f"codec.{name}."
-                codec_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                codec_state = {k[len(prefix):]: v.to(store.device) for k, v in tensors.items()
+                               if k.startswith(prefix)}
                 if codec_state:
                     store.codec.load_state_dict(codec_state)
             rows = tensors.get(f"rows.{name}")
@@ -391,8 +392,9 @@ class HCCache(Cache):
         finally:
             for layer in self.layers:
                 layer.defer_eviction = not outermost
-        for layer in self.layers:
-            layer.evict_if_needed()
+        with torch.inference_mode():  # the stores were filled under inference mode
+            for layer in self.layers:
+                layer.evict_if_needed()
 
     def _restore(self, marks: list[_LayerMark]) -> None:
         for layer, mark in zip(self.layers, marks):

@@ -213,15 +213,8 @@ class HCContext:
     def fork(self, context_id: str | None = None) -> "HCContext":
         """A branch sharing this context's stores copy-on-write: cheap to make, independent after."""
         with self._lock:
-            twin = object.__new__(HCContext)
-            twin.model, twin.tokenizer, twin.config = self.model, self.tokenizer, self.config
-            twin.context_id = context_id or uuid.uuid4().hex
-            twin.cache = self.cache.fork()
-            twin.token_ids = list(self.token_ids)
-            twin.tokens_prefilled = self.tokens_prefilled
-            twin.format, twin.turn_open = self.format, self.turn_open
-            twin._lock = threading.RLock()
-            return twin
+            return HCContext._restore(self.model, self.tokenizer, self.config, context_id or uuid.uuid4().hex,
+                                      self.cache.fork(), list(self.token_ids), self.tokens_prefilled, self.turn_open)
 
     def stats(self) -> ContextStats:
         with self._lock:
@@ -256,11 +249,16 @@ class HCContext:
 
     @classmethod
     def _restore(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: HCConfig,
-                 context_id: str, cache: HCCache, token_ids: list[int], tokens_prefilled: int) -> "HCContext":
-        """A context around an already filled cache (checkpoints): ``__init__`` would start empty."""
+                 context_id: str, cache: HCCache, token_ids: list[int], tokens_prefilled: int,
+                 turn_open: bool) -> "HCContext":
+        """A context around an already filled cache (checkpoints): ``__init__`` would start empty.
+
+        Takes every field ``__init__`` sets; a new field must be added here and to the checkpoint.
+        """
         ctx = object.__new__(cls)
         ctx.model, ctx.tokenizer, ctx.config, ctx.context_id = model, tokenizer, config, context_id
-        ctx.cache, ctx.token_ids, ctx.tokens_prefilled = cache, token_ids, tokens_prefilled
+        ctx.cache, ctx.format = cache, ChatFormat.for_tokenizer(tokenizer)
+        ctx.token_ids, ctx.tokens_prefilled, ctx.turn_open = token_ids, tokens_prefilled, turn_open
         ctx._lock = threading.RLock()
         return ctx
 

@@ -1,0 +1,432 @@
+"""Checkpoints: exact round trips, refusals that change nothing, corruption, crashes, no pickle, the pool."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import sqlitedict
+import torch
+
+from hcmemory import HCConfig
+from hcmemory.context import HCContext
+from hcmemory.store import (FORMAT_VERSION, CheckpointError, CheckpointNotFoundError, ContextPool, ContextStore,
+                            _bytes_only)
+
+from .conftest import tiny_model
+
+DOC = ("The harbor office keeps its spare keys in the blue cabinet. The night ferry leaves at eleven. "
+       "The vault code at the harbor office is 58213. The cafeteria closes at nine. ")
+PROBE = " The"
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = "hcmemory"
+
+
+def make_context(model, tokenizer, config: str | HCConfig = "full", text: str = DOC, repeat: int = 3,
+                 context_id: str | None = None) -> HCContext:
+    ctx = HCContext(model, tokenizer, HCConfig.preset(config) if isinstance(config, str) else config,
+                    context_id=context_id)
+    ctx.append(text * repeat)
+    return ctx
+
+
+def assert_same_context(loaded: HCContext, original: HCContext, reference: torch.Tensor) -> None:
+    assert loaded.context_id == original.context_id
+    assert loaded.token_ids == original.token_ids
+    assert loaded.turn_open == original.turn_open
+    assert loaded.config == original.config
+    assert loaded.stats() == original.stats()
+    torch.testing.assert_close(loaded.next_logits(PROBE), reference, atol=1e-5, rtol=0)
+
+
+def rows(path: Path) -> dict[str, bytes]:
+    """Every stored entry, read with plain sqlite3 (what a failed call must leave untouched)."""
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute(f'SELECT key, value FROM "{TABLE}"').fetchall())
+
+
+def chunk_keys(path: Path) -> list[str]:
+    return sorted(key for key in rows(path) if key.startswith("chunk/"))
+
+
+def rewrite_header(path: Path, change) -> None:
+    """Edit the (only) header of a store in place, bypassing ContextStore."""
+    with sqlite3.connect(path) as conn:
+        (key, value), = conn.execute(f'SELECT key, value FROM "{TABLE}" WHERE key LIKE \'meta/%\'').fetchall()
+        header = json.loads(value)
+        change(header)
+        conn.execute(f'UPDATE "{TABLE}" SET value = ? WHERE key = ?', (json.dumps(header).encode(), key))
+
+
+# --- exact round trips -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["full", "h2o", pytest.param("hc-12.5", marks=pytest.mark.slow)])
+def test_save_load_round_trip_is_exact(smollm2, tmp_path, preset):
+    """The loaded context answers exactly like the saved one, and nothing is prefilled again."""
+    model, tokenizer = smollm2
+    ctx = make_context(model, tokenizer, preset, repeat=8)
+    if preset == "h2o":
+        assert ctx.stats().tokens_kept < ctx.stats().tokens_seen * ctx.stats().layers, "eviction must have run"
+    reference = ctx.next_logits(PROBE)
+    with ContextStore(tmp_path / "store.sqlite", chunk_bytes=256 * 1024) as store:
+        checkpoint_id = store.save(ctx)
+        loaded = store.load(ctx.context_id, model, tokenizer)
+        assert store.checkpoints(ctx.context_id)[0]["id"] == checkpoint_id
+    assert_same_context(loaded, ctx, reference)
+    assert loaded.stats().tokens_prefilled == ctx.stats().tokens_prefilled
+    # the restored context keeps working like the original
+    assert loaded.append(" Visitors sign the book at the gate.") == ctx.append(" Visitors sign the book at the gate.")
+    torch.testing.assert_close(loaded.next_logits(PROBE), ctx.next_logits(PROBE), atol=1e-5, rtol=0)
+
+
+def test_many_small_chunks_round_trip(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    ctx = make_context(model, tokenizer, "full")
+    reference = ctx.next_logits(PROBE)
+    path = tmp_path / "store.sqlite"
+    chunk_bytes = 4096
+    with ContextStore(path, chunk_bytes=chunk_bytes) as store:
+        store.save(ctx)
+        tensors = len(ctx.cache.state()[0])
+        keys = chunk_keys(path)
+        assert len(keys) > 10 * tensors, "small chunks split every row store many times"
+        header = json.loads(next(v for k, v in rows(path).items() if k.startswith("meta/")))
+        for spec in header["tensors"].values():
+            item = torch.empty((), dtype=getattr(torch, spec["dtype"])).element_size()
+            row_bytes = torch.Size(spec["shape"]).numel() // max(spec["shape"][spec["dim"]], 1) * item
+            assert all(c["rows"] * row_bytes <= max(chunk_bytes, row_bytes) for c in spec["chunks"])
+        assert_same_context(store.load(ctx.context_id, model, tokenizer), ctx, reference)
+
+
+def test_empty_context_round_trips(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    ctx = HCContext(model, tokenizer, "full")
+    with ContextStore(tmp_path / "store.sqlite") as store:
+        store.save(ctx)
+        loaded = store.load(ctx.context_id, model, tokenizer)
+    assert len(loaded) == 0 and loaded.stats() == ctx.stats()
+    loaded.append(DOC)
+    ctx.append(DOC)
+    torch.testing.assert_close(loaded.next_logits(PROBE), ctx.next_logits(PROBE), atol=1e-5, rtol=0)
+
+
+def test_tags_replace_list_and_delete(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    ctx = make_context(model, tokenizer, repeat=1, context_id="notes")
+    with ContextStore(path, chunk_bytes=64 * 1024) as store:
+        store.save(ctx, tag="v1")
+        v1_logits = ctx.next_logits(PROBE)
+        store.save(ctx)
+        v1_chunks = [key for key in chunk_keys(path) if "/v1/" in key]
+        old_latest = {key for key in chunk_keys(path) if "/latest/" in key}
+        ctx.append(" The cafeteria opens at seven.")
+        store.save(ctx)  # replaces "latest" and drops its old chunks, in one transaction
+        assert [key for key in chunk_keys(path) if "/v1/" in key] == v1_chunks
+        assert not old_latest & set(chunk_keys(path))
+        assert store.list() == ["notes"] and "notes" in store and "other" not in store
+        assert sorted(c["tag"] for c in store.checkpoints("notes")) == ["latest", "v1"]
+        assert store.load("notes", model, tokenizer).token_ids == ctx.token_ids
+        v1 = store.load("notes", model, tokenizer, tag="v1")
+        torch.testing.assert_close(v1.next_logits(PROBE), v1_logits, atol=1e-5, rtol=0)
+
+        store.delete("notes", "v1")
+        assert [c["tag"] for c in store.checkpoints("notes")] == ["latest"]
+        assert all("/v1/" not in key for key in chunk_keys(path))
+        with pytest.raises(CheckpointNotFoundError, match="tags are"):
+            store.load("notes", model, tokenizer, tag="v1")
+        store.delete("notes")
+        assert store.list() == [] and chunk_keys(path) == []
+        with pytest.raises(CheckpointNotFoundError, match="empty"):
+            store.delete("notes")
+
+
+def test_missing_context_is_a_clear_key_error(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    with ContextStore(tmp_path / "store.sqlite") as store:
+        store.save(make_context(model, tokenizer, repeat=1, context_id="kept"))
+        with pytest.raises(KeyError) as info:
+            store.load("missing", model, tokenizer)
+    assert isinstance(info.value, CheckpointNotFoundError)
+    assert "no context 'missing'" in str(info.value) and "'kept'" in str(info.value)
+
+
+# --- refusals that change nothing ------------------------------------------------------------
+
+
+def test_other_model_or_tokenizer_is_refused_and_nothing_changes(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    ctx = make_context(model, tokenizer, repeat=1)
+    with ContextStore(path) as store:
+        store.save(ctx)
+    before = rows(path)
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["<hcmemory-test-token>"])
+    with ContextStore(path) as store:
+        with pytest.raises(ValueError, match="checkpoint was made with model .*load it with that model"):
+            store.load(ctx.context_id, tiny_model("llama"), tokenizer)
+        with pytest.raises(ValueError, match="different tokenizer"):
+            store.load(ctx.context_id, model, other_tokenizer)
+    assert rows(path) == before
+    with ContextStore(path) as store:
+        assert store.load(ctx.context_id, model, tokenizer).token_ids == ctx.token_ids
+
+
+def test_newer_format_asks_to_upgrade(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    ctx = make_context(model, tokenizer, repeat=1)
+    with ContextStore(path) as store:
+        store.save(ctx)
+    rewrite_header(path, lambda header: header.update(format_version=FORMAT_VERSION + 1))
+    before = rows(path)
+    with ContextStore(path) as store, pytest.raises(CheckpointError, match="upgrade hcmemory"):
+        store.load(ctx.context_id, model, tokenizer)
+    assert rows(path) == before
+
+
+def test_failed_save_leaves_the_previous_checkpoint(smollm2, tmp_path, monkeypatch):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    ctx = make_context(model, tokenizer, repeat=1)
+    reference = ctx.next_logits(PROBE)
+    with ContextStore(path, chunk_bytes=4096) as store:
+        store.save(ctx)
+        before = rows(path)
+        saved_tokens = list(ctx.token_ids)
+        ctx.append(" The cafeteria opens at seven.")
+        real_save, calls = safetensors.torch.save, []
+
+        def failing_save(tensors, metadata=None):
+            calls.append(1)
+            if len(calls) == 50:
+                raise OSError("disk full (simulated)")
+            return real_save(tensors, metadata)
+
+        monkeypatch.setattr("hcmemory.store.safetensors.torch.save", failing_save)
+        with pytest.raises(OSError, match="simulated"):
+            store.save(ctx)
+        monkeypatch.undo()
+        assert rows(path) == before, "the failed save is rolled back entirely"
+        loaded = store.load(ctx.context_id, model, tokenizer)
+    assert loaded.token_ids == saved_tokens
+    torch.testing.assert_close(loaded.next_logits(PROBE), reference, atol=1e-5, rtol=0)
+
+
+# --- damage ----------------------------------------------------------------------------------
+
+
+def test_corrupted_chunk_is_detected(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    ctx = make_context(model, tokenizer, repeat=1)
+    with ContextStore(path, chunk_bytes=64 * 1024) as store:
+        store.save(ctx)
+    key = chunk_keys(path)[len(chunk_keys(path)) // 2]
+    value = bytearray(rows(path)[key])
+    value[-1] ^= 0xFF  # one flipped bit in the tensor data: still parses, wrong numbers
+    with sqlite3.connect(path) as conn:
+        conn.execute(f'UPDATE "{TABLE}" SET value = ? WHERE key = ?', (bytes(value), key))
+    with ContextStore(path) as store, pytest.raises(CheckpointError, match="corrupted"):
+        store.load(ctx.context_id, model, tokenizer)
+    with sqlite3.connect(path) as conn:  # unparsable bytes with a matching sha: the parser must object
+        conn.execute(f'UPDATE "{TABLE}" SET value = ? WHERE key = ?', (b"not safetensors", key))
+    rewrite_header(path, lambda h: [c.update(sha256=hashlib.sha256(b"not safetensors").hexdigest())
+                                    for t in h["tensors"].values() for c in t["chunks"] if c["key"] == key])
+    with ContextStore(path) as store, pytest.raises(CheckpointError, match="cannot be parsed"):
+        store.load(ctx.context_id, model, tokenizer)
+
+
+def test_truncated_store_is_detected(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    ctx = make_context(model, tokenizer, repeat=1)
+    with ContextStore(path) as store:
+        store.save(ctx)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="damaged|not a readable"):
+        with ContextStore(path) as store:
+            store.load(ctx.context_id, model, tokenizer)
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import sys, time
+    import safetensors.torch
+    import torch
+    from hcmemory import HCConfig, load_model
+    from hcmemory.context import HCContext
+    from hcmemory import store as store_module
+
+    path, reference_path, doc = sys.argv[1], sys.argv[2], sys.argv[3]
+    model, tokenizer = load_model()
+    ctx = HCContext(model, tokenizer, "full", context_id="crash")
+    ctx.append(doc * 3)
+    store = store_module.ContextStore(path, chunk_bytes=2048)
+    store.save(ctx)
+    safetensors.torch.save_file({"logits": ctx.next_logits(" The"), "tokens": torch.tensor(ctx.token_ids)},
+                                reference_path)
+    ctx.append(doc * 3)
+    real_save, calls = safetensors.torch.save, []
+
+    def save_then_stall(tensors, metadata=None):
+        calls.append(1)
+        if len(calls) == 2000:  # well into the second save: thousands of chunks already queued
+            time.sleep(1.0)  # let sqlitedict's writer thread flush them into the file
+            print("saving", flush=True)
+            time.sleep(600)
+        return real_save(tensors, metadata)
+
+    store_module.safetensors.torch.save = save_then_stall
+    store.save(ctx)
+""")
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path, reference_path = tmp_path / "store.sqlite", tmp_path / "reference.safetensors"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path), str(reference_path), DOC],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "saving", f"child failed: {line}{child.stderr.read()}"
+        journal = Path(f"{path}-journal")
+        assert journal.exists() and journal.stat().st_size > 0, "the kill must land inside the write transaction"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    reference = safetensors.torch.load_file(reference_path)
+    with ContextStore(path) as store:
+        (checkpoint,) = store.checkpoints("crash")
+        loaded = store.load("crash", model, tokenizer)
+        header_chunks = {c["key"] for t in json.loads(rows(path)["meta/crash/latest"])["tensors"].values()
+                         for c in t["chunks"]}
+    assert loaded.token_ids == reference["tokens"].tolist() and checkpoint["tokens"] == len(loaded)
+    torch.testing.assert_close(loaded.next_logits(PROBE), reference["logits"], atol=1e-5, rtol=0)
+    assert set(chunk_keys(path)) == header_chunks, "the interrupted save left no orphan chunks"
+
+
+# --- no pickle -------------------------------------------------------------------------------
+
+
+def test_no_pickle_anywhere(smollm2, tmp_path, monkeypatch):
+    """Statically: store.py never imports pickle nor calls torch.load; at run time: loading works with
+    every unpickling entry point booby-trapped."""
+    tree = ast.parse((ROOT / "hcmemory" / "store.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names} | {node.module for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if "pickle" in name or name == "dill"}
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "load"
+                and isinstance(node.value, ast.Name) and node.value.id == "torch"]
+
+    model, tokenizer = smollm2
+    ctx = make_context(model, tokenizer, repeat=1)
+    reference = ctx.next_logits(PROBE)
+    path, file_path = tmp_path / "store.sqlite", tmp_path / "ctx.hcm"
+    with ContextStore(path, chunk_bytes=64 * 1024) as store:
+        store.save(ctx)
+        assert store._db.encode is _bytes_only and store._db.decode is _bytes_only
+        with pytest.raises(TypeError, match="bytes only"):
+            store._db["x"] = {"not": "bytes"}
+    ctx.save(file_path)
+
+    def trap(*args, **kwargs):
+        raise AssertionError("unpickling was attempted")
+
+    for target in ("pickle.load", "pickle.loads", "pickle.Unpickler", "pickle._Unpickler", "pickle._loads",
+                   "sqlitedict.loads", "sqlitedict.decode", "torch.load"):
+        module, name = target.rsplit(".", 1)
+        monkeypatch.setattr({"pickle": pickle, "sqlitedict": sqlitedict, "torch": torch}[module], name, trap)
+    with ContextStore(path) as store:
+        loaded = store.load(ctx.context_id, model, tokenizer)
+    assert_same_context(loaded, ctx, reference)
+    assert_same_context(HCContext.load(file_path, model, tokenizer), ctx, reference)
+
+
+# --- one context, one file -------------------------------------------------------------------
+
+
+def test_single_file_round_trip_and_damage(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    ctx = make_context(model, tokenizer, "full", repeat=2)
+    reference = ctx.next_logits(PROBE)
+    path = tmp_path / "ctx.hcm"
+    ctx.save(path)
+    ctx.save(path)  # replacing goes through a temporary file and a rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx.hcm"], "no temporary file is left behind"
+    assert_same_context(HCContext.load(path, model, tokenizer), ctx, reference)
+
+    with pytest.raises(ValueError, match="load it with that model"):
+        HCContext.load(path, tiny_model("llama"), tokenizer)
+
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(str(path), "pt") as handle:
+        header = json.loads(handle.metadata()["hcmemory"])
+    newer = tmp_path / "newer.hcm"
+    safetensors.torch.save_file(tensors, newer, metadata={"hcmemory": json.dumps(
+        {**header, "format_version": FORMAT_VERSION + 1})})
+    with pytest.raises(CheckpointError, match="upgrade hcmemory"):
+        HCContext.load(newer, model, tokenizer)
+
+    flipped = tmp_path / "flipped.hcm"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        HCContext.load(flipped, model, tokenizer)
+
+    truncated = tmp_path / "truncated.hcm"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        HCContext.load(truncated, model, tokenizer)
+
+
+# --- the pool --------------------------------------------------------------------------------
+
+
+def test_pool_spills_least_recently_used_and_reloads_exactly(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    with ContextStore(tmp_path / "store.sqlite") as store:
+        probe = make_context(model, tokenizer, repeat=1)
+        one = probe.stats().host_bytes + probe.stats().device_bytes
+        pool = ContextPool(model, tokenizer, store, max_host_bytes=int(1.5 * one), config="full")
+
+        a = pool.get("a")
+        a.append(DOC)
+        a_logits = a.next_logits(PROBE)
+        b = pool.get("b")
+        b.append(DOC + " The night ferry is late today.")
+        assert pool.live_ids == ["a", "b"] and not store.exists("a")
+        pool.get("c")  # a and b together exceed the cap: a, the least recently used, goes to the store
+        assert pool.live_ids == ["b", "c"] and "a" in pool and store.exists("a")
+        assert pool.live_bytes() <= pool.max_host_bytes
+
+        again = pool.get("a")  # reloaded, not re-prefilled; b is now the least recently used
+        assert pool.live_ids == ["c", "a"] and store.exists("b")
+        assert again is not a and again.token_ids == a.token_ids
+        torch.testing.assert_close(again.next_logits(PROBE), a_logits, atol=1e-5, rtol=0)
+
+        with pytest.raises(KeyError, match="not live"):
+            pool.spill("b")
+        pool.close()
+        assert pool.live_ids == [] and store.list() == ["a", "b", "c"]
+        assert "zzz" not in pool
