@@ -142,48 +142,51 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
     host = layer.values.device
     heads, groups = layer.heads, q.shape[1] // rows
     q_host = q.to(host, torch.float32)
-
-    k_exact, v_exact = layer.exact_rows(0, sink_end, recent_start, n)
-    exact_index = torch.cat([torch.arange(sink_end, device=host), torch.arange(recent_start, n, device=host)])
-    keys, values, index, approx_scores = [k_exact], [v_exact], [exact_index.expand(heads, -1)], None
-    selected = 0
+    exact_count = sink_end + n - recent_start
+    approx_scores, index = None, None
     if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
         approx = layer.approx_scores(q, sink_end, recent_start)
-        chosen = None
         if layer.config.top_p < 1.0:
             mass = torch.softmax(approx * scaling, dim=-1).mean(dim=1)
             chosen = top_p_select(mass, layer.config.top_p, hint=layer.last_selected)
             layer.record_selection(chosen.shape[1], recent_start - sink_end)
-        rows_index = (torch.arange(sink_end, recent_start, device=approx.device).expand(heads, -1)
-                      if chosen is None else chosen + sink_end)
-        if layer.config.rescore:
-            keys.insert(0, layer.host_keys_at(rows_index))
+            compressed = chosen.to(host) + sink_end
         else:
+            chosen, compressed = None, torch.arange(sink_end, recent_start, device=host).expand(heads, -1)
+        exact = torch.cat([torch.arange(sink_end, device=host),
+                           torch.arange(recent_start, n, device=host)]).expand(heads, -1)
+        index = torch.cat([compressed, exact], dim=1)  # one gather reads the selected rows, then the exact ones
+        if layer.config.rescore:
+            keys = layer.host_keys_at(index)
+        else:
+            keys = layer.host_keys_at(exact)
             approx_scores = approx if chosen is None else approx.gather(
                 -1, chosen[:, None, :].expand(-1, approx.shape[1], -1))
-        values.insert(0, layer.values_at(rows_index))
-        index.insert(0, rows_index.to(host))
-        selected = rows_index.shape[1]
-
-    visible = torch.cat([torch.ones(rows, selected, dtype=torch.bool, device=host),
-                         _causal_mask(chunk, exact_index.numel(), host, first, rows)], dim=1)
-    v_all = torch.cat(values, dim=1).float() if len(values) > 1 else values[0].float()
+        values = layer.values_at(index)
+    else:  # every row is exact (uncompressed keys): read them in place
+        keys, values = layer.exact_rows(0, n)
+    selected = 0 if index is None else index.shape[1] - exact_count
+    visible = None
+    if chunk > 1:
+        visible = _causal_mask(chunk, exact_count, host, first, rows)
+        if selected:
+            visible = torch.cat([torch.ones(rows, selected, dtype=torch.bool, device=host), visible], dim=1)
+    values = values.float()
     if approx_scores is None and not layer.observes_attention:
-        k_all = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
-        out = F.scaled_dot_product_attention(
-            q_host.view(heads, groups, rows, -1), k_all[:, None].float(), v_all[:, None], attn_mask=visible,
-            scale=scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q_host.view(heads, groups, rows, -1), keys[:, None].float(),
+                                             values[:, None], attn_mask=visible, scale=scaling, enable_gqa=True)
         return out.reshape(heads, groups * rows, -1)
 
-    scores = q_host @ k_exact.float().transpose(-1, -2)
-    if len(keys) > 1:
-        scores = torch.cat([q_host @ keys[0].float().transpose(-1, -2), scores], dim=-1)
-    elif approx_scores is not None:
+    scores = q_host @ keys.float().transpose(-1, -2)
+    if approx_scores is not None:
         scores = torch.cat([approx_scores.to(host), scores], dim=-1)
-    scores = (scores * scaling).view(heads, groups, rows, -1).masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).flatten(1, 2)
+    scores = scores * scaling
+    if visible is not None:
+        scores = scores.view(heads, groups, rows, -1).masked_fill(~visible, float("-inf")).flatten(1, 2)
+    probs = torch.softmax(scores, dim=-1)
     if layer.observes_attention:
-        observed = torch.zeros(heads, n, device=host)
-        observed.scatter_add_(1, torch.cat(index, dim=1), probs.sum(dim=1))
+        observed = probs.sum(dim=1)
+        if index is not None:
+            observed = torch.zeros(heads, n, device=host).scatter_add_(1, index, observed)
         layer.observe(observed, queries=groups * rows)
-    return probs @ v_all
+    return probs @ values

@@ -136,18 +136,10 @@ class HCLayer(CacheLayerMixin):
     def _exact_key_store(self) -> CodedRows:
         return self.key_codes if self.host_keys is None else self.host_keys
 
-    def exact_rows(self, a: int, b: int, c: int | None = None, d: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact keys and values of rows ``[a, b)`` (and ``[c, d)``), on the host side."""
-        store = self._exact_key_store()
-        keys, values = store.decoded(a, b), self.values.decoded(a, b)
-        if c is not None and d is not None and d > c:
-            if b > a:
-                keys = torch.cat([keys, store.decoded(c, d)], dim=1)
-                values = torch.cat([values, self.values.decoded(c, d)], dim=1)
-            else:
-                keys, values = store.decoded(c, d), self.values.decoded(c, d)
-        return keys.to(self.values.device), values
+    def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact keys and values of rows ``[start, stop)``, on the host side."""
+        keys = self._exact_key_store().decoded(start, stop)
+        return keys.to(self.values.device), self.values.decoded(start, stop)
 
     def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Approximate ``q·k`` for rows ``[start, stop)`` from the codes, next to the model."""

@@ -62,6 +62,7 @@ class VQCodec(Codec):
         # Codebooks along the (head, group) axes: (1, 1) for layer, (heads, 1) for head, (heads, g) for group.
         self._books_shape = (heads if sharing != "layer" else 1, self.groups if sharing == "group" else 1)
         self._codebook: torch.Tensor | None = None  # (books, c, s) float16
+        self._book32: torch.Tensor | None = None
 
     @property
     def needs_fit(self) -> bool:
@@ -96,7 +97,7 @@ class VQCodec(Codec):
             gen = torch.Generator(device="cpu").manual_seed(0)
             keep = torch.randperm(points.shape[1], generator=gen)[:cap].to(points.device)
             points = points[:, keep]
-        self._codebook = kmeans(points, self.centroids, self.kmeans_iters).half()
+        self._codebook, self._book32 = kmeans(points, self.centroids, self.kmeans_iters).half(), None
 
     # --- codes -------------------------------------------------------------------------------
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ class VQCodec(Codec):
             raise ValueError(f"VQCodec: state 'codebook' has shape {got}, expected {expected} "
                              f"(sharing={self.sharing!r}, centroids={self.centroids}, "
                              f"subvector_dim={self.subvector_dim})")
-        self._codebook = book.detach().half().contiguous()
+        self._codebook, self._book32 = book.detach().half().contiguous(), None
 
     # --- helpers -----------------------------------------------------------------------------
     def _check_rows(self, rows: torch.Tensor) -> None:
@@ -182,11 +183,15 @@ class VQCodec(Codec):
                              f"got {tuple(rows.shape)}")
 
     def _book(self) -> torch.Tensor:
-        """The codebooks in float32, ``(books, c, s)``; raises if the codec was never fitted."""
+        """The codebooks in float32, ``(books, c, s)``; raises if the codec was never fitted.
+
+        The float32 copy is kept (a few KB) because every decoding step needs it."""
         if self._codebook is None:
             raise ValueError("VQCodec: no codebook yet; call fit(rows) or load_state_dict(state) "
                              "before encode/decode/score")
-        return self._codebook.float()
+        if self._book32 is None or self._book32.device != self._codebook.device:
+            self._book32 = self._codebook.float()
+        return self._book32
 
     def _book_offsets(self, device: torch.device) -> torch.Tensor:
         """``(heads, 1, g)`` int32: where each (head, group)'s codebook starts in the flat ``(books·c, s)`` table."""
