@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"method": name, "tokens": tokens, "passed": hits, "total": total,
                          "pass_rate": hits / total, "seconds": time.perf_counter() - start, **extra})
             log.info("%-40s %5d tokens: %d/%d", name, tokens, hits, total)
+            write_results(args.name, rows, depths=DEPTHS, kv_ratio=KV_RATIO)  # partial results survive a stop
     print_table(rows, ["method", "tokens", "passed", "total", "pass_rate", "device_ratio", "selected_fraction",
                        "kept_ratio", "seconds"], "Needle in a haystack on SmolLM2-135M (5 depths per haystack)")
     print(f"results: {write_results(args.name, rows, depths=DEPTHS, kv_ratio=KV_RATIO)}")

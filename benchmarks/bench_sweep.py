@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                      "device_ratio": extra["device_ratio"], "selected_fraction": extra["selected_fraction"],
                      "seconds": time.perf_counter() - start})
         print(f"  {name:<36} {hits}/{total}", flush=True)
+        write_results("sweep", rows, tokens=args.tokens)  # partial results survive a stop
     print_table(rows, list(rows[0]), f"hc-12.5 sweep on {args.tokens}-token needle haystacks (SmolLM2-135M)")
     print(f"results: {write_results('sweep', rows, tokens=args.tokens)}")
 
