@@ -31,10 +31,10 @@ from .calibration import load_or_fit_codebooks
 from .codecs import Codec, make_codec
 from .config import HCConfig
 from .eviction import EvictionPolicy, make_policy, rows_to_keep
+from .models import SUPPORTED_MODEL_TYPES
 from .stores import CodedRows, RowBuffer
 
 HOST = torch.device("cpu")
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 def _codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype) -> tuple[Codec, Codec | None, Codec]:
@@ -322,7 +322,7 @@ class HCCache(Cache):
         config = HCConfig.preset(config) if isinstance(config, str) else (config or HCConfig())
         mc = model.config
         if getattr(mc, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"HCCache supports model types {SUPPORTED_MODEL_TYPES}, not {mc.model_type!r}")
+            raise ValueError(f"HCCache supports model types {sorted(SUPPORTED_MODEL_TYPES)}, not {mc.model_type!r}")
         register()
         if mc._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config)
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096)
@@ -12,8 +13,9 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 
 def tiny_model(family: str, **overrides) -> torch.nn.Module:
     """A randomly initialised model of ``family`` small enough to run many steps in a test."""
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
-    extra = {"sliding_window": None} if family == "mistral" else {}
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
+           "phi3": Phi3Config, "gemma": GemmaConfig}[family]
+    extra = {"sliding_window": None} if family == "mistral" else {"pad_token_id": 0, "eos_token_id": 1}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cls(**{**TINY, **extra, **overrides}), dtype=torch.float32)
     return model.eval()
