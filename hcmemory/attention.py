@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 ATTN_IMPLEMENTATION = "hcattention"
 _QUERY_BLOCK_BYTES = 64 * 2**20
 """Score matrices of a prefill chunk are built in query blocks of at most this many bytes."""
+_SELECTION_QUERIES = 32
+"""A prefill block selects its compressed rows from this many of its queries (evenly spaced): the
+approximate scores only choose rows, and scoring every query of a 1,024-token chunk against every
+code would cost as much as the exact attention the selection is meant to save."""
 
 _active = threading.local()
 
@@ -145,8 +149,14 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
     exact_count = sink_end + n - recent_start
     approx_scores, index = None, None
     if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
-        approx = layer.approx_scores(q, sink_end, recent_start)
-        if layer.config.top_p < 1.0:
+        rescore, top_p = layer.config.rescore, layer.config.top_p
+        if rescore and top_p < 1.0:  # scores only select: a sample of the chunk's queries is enough
+            step = max(1, rows // _SELECTION_QUERIES)
+            sample = q.view(heads, groups, rows, -1)[:, :, ::step].reshape(heads, -1, q.shape[-1])
+            approx = layer.approx_scores(sample, sink_end, recent_start)
+        elif not rescore:  # the paper's way: the approximate scores are the weights of every query
+            approx = layer.approx_scores(q, sink_end, recent_start)
+        if top_p < 1.0:
             mass = torch.softmax(approx * scaling, dim=-1).mean(dim=1)
             chosen = top_p_select(mass, layer.config.top_p, hint=layer.last_selected)
             layer.record_selection(chosen.shape[1], recent_start - sink_end)
@@ -156,7 +166,7 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
         exact = torch.cat([torch.arange(sink_end, device=host),
                            torch.arange(recent_start, n, device=host)]).expand(heads, -1)
         index = torch.cat([compressed, exact], dim=1)  # one gather reads the selected rows, then the exact ones
-        if layer.config.rescore:
+        if rescore:
             keys = layer.host_keys_at(index)
         else:
             keys = layer.host_keys_at(exact)
