@@ -1,12 +1,15 @@
 """Parameter sweep that picks hc defaults from numbers: codebook sharing, centroids, sub-vector
 size, top_p and calibration source, each varied alone around ``hc-12.5``, on needle haystacks.
 
-Run: ``python -m benchmarks.bench_sweep [--tokens 4096] [--seeds 0 1]``.
+Run: ``python -m benchmarks.bench_sweep [--tokens 4096] [--seeds 0 1] [--variants NAME ...]``; with
+``--variants`` only those are run and merged into the rows already in ``results/sweep.json`` for the
+same token count, so a sweep cut short can be finished without redoing it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -14,7 +17,7 @@ import torch
 from hcmemory import HCConfig, load_model
 
 from .bench_needle import build_case, passed, run_hc
-from .common import print_table, write_results
+from .common import RESULTS, print_table, write_results
 
 BASE = HCConfig.preset("hc-12.5")
 VARIANTS: dict[str, dict] = {
@@ -37,12 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="run only these, keep the other rows")
     args = parser.parse_args(argv)
     model, tokenizer = load_model()
     cases = [build_case(tokenizer, args.tokens, seed) for seed in args.seeds]
-    rows = []
-    for name, change in VARIANTS.items():
-        config = BASE.replace(**change)
+    rows = _earlier_rows(args.tokens, set(args.variants)) if args.variants else []
+    for name in args.variants or VARIANTS:
+        config = BASE.replace(**VARIANTS[name])
         hits = total = 0
         start = time.perf_counter()
         for context, chosen in cases:
@@ -53,10 +57,22 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"variant": name, "passed": hits, "total": total, "pass_rate": hits / total,
                      "device_ratio": extra["device_ratio"], "selected_fraction": extra["selected_fraction"],
                      "seconds": time.perf_counter() - start})
+        rows.sort(key=lambda row: list(VARIANTS).index(row["variant"]))
         print(f"  {name:<36} {hits}/{total}", flush=True)
         write_results("sweep", rows, tokens=args.tokens)  # partial results survive a stop
     print_table(rows, list(rows[0]), f"hc-12.5 sweep on {args.tokens}-token needle haystacks (SmolLM2-135M)")
     print(f"results: {write_results('sweep', rows, tokens=args.tokens)}")
+
+
+def _earlier_rows(tokens: int, rerun: set[str]) -> list[dict]:
+    """Rows of the last sweep at this token count, minus the variants about to be re-run."""
+    path = RESULTS / "sweep.json"
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("tokens") != tokens:
+        return []
+    return [row for row in earlier["rows"] if row["variant"] in VARIANTS and row["variant"] not in rerun]
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class VQCodec(Codec):
         book = self._book().view(self._books_shape[0], self._books_shape[1], c, s)
         book = book.expand(heads if self._books_shape[0] == 1 else -1, g if self._books_shape[1] == 1 else -1, -1, -1)
         table = torch.einsum("hmgs,hgcs->hgcm", q, book).reshape(heads * g * c, m)
-        offsets = (torch.arange(heads * g, device=codes.device).view(heads, 1, g) * c)
+        offsets = torch.arange(heads * g, dtype=torch.int32, device=codes.device).view(heads, 1, g) * c
         out = torch.empty(heads, n, m, device=codes.device)
         for start, stop in self._chunks(n, g):
             bags = (self._indices(codes[:, start:stop]) + offsets).view(-1, g)
