@@ -2,8 +2,8 @@
 size, top_p and calibration source, each varied alone around ``hc-12.5``, on needle haystacks.
 
 Run: ``python -m benchmarks.bench_sweep [--tokens 4096] [--seeds 0 1] [--variants NAME ...]``; with
-``--variants`` only those are run and merged into the rows already in ``results/sweep.json`` for the
-same token count, so a sweep cut short can be finished without redoing it.
+``--variants`` only those are run and merged into the rows already in
+``results/sweep-<tokens>.json``, so a sweep cut short can be finished without redoing it.
 """
 
 from __future__ import annotations
@@ -59,20 +59,18 @@ def main(argv: list[str] | None = None) -> None:
                      "seconds": time.perf_counter() - start})
         rows.sort(key=lambda row: list(VARIANTS).index(row["variant"]))
         print(f"  {name:<36} {hits}/{total}", flush=True)
-        write_results("sweep", rows, tokens=args.tokens)  # partial results survive a stop
+        write_results(f"sweep-{args.tokens}", rows, tokens=args.tokens)  # partial results survive a stop
     print_table(rows, list(rows[0]), f"hc-12.5 sweep on {args.tokens}-token needle haystacks (SmolLM2-135M)")
-    print(f"results: {write_results('sweep', rows, tokens=args.tokens)}")
+    print(f"results: {RESULTS / f'sweep-{args.tokens}.json'}")
 
 
 def _earlier_rows(tokens: int, rerun: set[str]) -> list[dict]:
     """Rows of the last sweep at this token count, minus the variants about to be re-run."""
-    path = RESULTS / "sweep.json"
+    path = RESULTS / f"sweep-{tokens}.json"
     if not path.exists():
         return []
-    earlier = json.loads(path.read_text())
-    if earlier.get("tokens") != tokens:
-        return []
-    return [row for row in earlier["rows"] if row["variant"] in VARIANTS and row["variant"] not in rerun]
+    earlier = json.loads(path.read_text())["rows"]
+    return [row for row in earlier if row["variant"] in VARIANTS and row["variant"] not in rerun]
 
 
 if __name__ == "__main__":

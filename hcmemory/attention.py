@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 ATTN_IMPLEMENTATION = "hcattention"
 _QUERY_BLOCK_BYTES = 64 * 2**20
 """Score matrices of a prefill chunk are built in query blocks of at most this many bytes."""
-_SELECTION_QUERIES = 32
-"""A prefill block selects its compressed rows from this many of its queries (evenly spaced): the
-approximate scores only choose rows, and scoring every query of a 1,024-token chunk against every
-code would cost as much as the exact attention the selection is meant to save."""
 
 _active = threading.local()
 
@@ -154,7 +150,7 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
     if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
         rescore, top_p = layer.config.rescore, layer.config.top_p
         if rescore and top_p < 1.0:  # scores only select: a sample of the chunk's queries is enough
-            step = max(1, rows // _SELECTION_QUERIES)
+            step = max(1, rows // layer.config.selection_queries)
             sample = q.view(heads, groups, rows, -1)[:, :, ::step].reshape(heads, -1, q.shape[-1])
             approx = layer.approx_scores(sample, sink_end, recent_start)
         elif not rescore:  # the paper's way: the approximate scores are the weights of every query

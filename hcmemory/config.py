@@ -68,6 +68,12 @@ class HCConfig:
     # --- what attention reads each step -----------------------------------------------------
     top_p: float = 1.0
     """Per step, read the smallest set of compressed rows whose approximate mass reaches top_p."""
+    selection_queries: int = 32
+    """A prefill block chooses its rows from this many of its queries (evenly spaced): scoring all
+    1,024 queries of a chunk against every code costs more than the exact attention it saves.
+    Measured on SmolLM2 at 7.5K (DynamicCache prefill 186 tok/s): 32 → 171 tok/s, 64 → 133,
+    128 → 102, all → 64; on the 4K needles (full attention 7/10) hc-12.5 found 6/10 with 32 or 64
+    and 7/10 with 128 or all.  Raise it when accuracy matters more than prefill speed."""
     sink_tokens: int = 4
     recent_tokens: int = 64
     """First ``sink_tokens`` and last ``recent_tokens`` rows are always exact and never evicted."""
@@ -98,6 +104,9 @@ class HCConfig:
         _check("rescore", isinstance(self.rescore, bool), "True or False", self.rescore)
         _check("top_p", isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
                "a float in (0, 1]", self.top_p)
+        _check("selection_queries", isinstance(self.selection_queries, int)
+               and not isinstance(self.selection_queries, bool) and self.selection_queries >= 1,
+               "an int >= 1", self.selection_queries)
         for name in ("sink_tokens", "recent_tokens"):
             value = getattr(self, name)
             _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an int >= 0", value)
