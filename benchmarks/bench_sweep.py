@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, tokenizer = load_model()
     cases = [build_case(tokenizer, args.tokens, seed) for seed in args.seeds]
-    rows = _earlier_rows(args.tokens, set(args.variants)) if args.variants else []
-    for name in args.variants or VARIANTS:
-        config = BASE.replace(**VARIANTS[name])
+    name = f"sweep-{args.tokens}"
+    rows = _earlier_rows(name, set(args.variants)) if args.variants else []
+    for variant in args.variants or VARIANTS:
+        config = BASE.replace(**VARIANTS[variant])
         hits = total = 0
         start = time.perf_counter()
         for context, chosen in cases:
@@ -54,19 +55,19 @@ def main(argv: list[str] | None = None) -> None:
                 answers, extra = run_hc(model, tokenizer, config, context, [n["question"] for n in chosen])
             hits += sum(passed(a, n["answer"]) for a, n in zip(answers, chosen))
             total += len(chosen)
-        rows.append({"variant": name, "passed": hits, "total": total, "pass_rate": hits / total,
+        rows.append({"variant": variant, "passed": hits, "total": total, "pass_rate": hits / total,
                      "device_ratio": extra["device_ratio"], "selected_fraction": extra["selected_fraction"],
                      "seconds": time.perf_counter() - start})
         rows.sort(key=lambda row: list(VARIANTS).index(row["variant"]))
-        print(f"  {name:<36} {hits}/{total}", flush=True)
-        write_results(f"sweep-{args.tokens}", rows, tokens=args.tokens)  # partial results survive a stop
+        print(f"  {variant:<36} {hits}/{total}", flush=True)
+        path = write_results(name, rows, tokens=args.tokens)  # partial results survive a stop
     print_table(rows, list(rows[0]), f"hc-12.5 sweep on {args.tokens}-token needle haystacks (SmolLM2-135M)")
-    print(f"results: {RESULTS / f'sweep-{args.tokens}.json'}")
+    print(f"results: {path}")
 
 
-def _earlier_rows(tokens: int, rerun: set[str]) -> list[dict]:
-    """Rows of the last sweep at this token count, minus the variants about to be re-run."""
-    path = RESULTS / f"sweep-{tokens}.json"
+def _earlier_rows(name: str, rerun: set[str]) -> list[dict]:
+    """Rows of the last sweep written under ``name``, minus the variants about to be re-run."""
+    path = RESULTS / f"{name}.json"
     if not path.exists():
         return []
     earlier = json.loads(path.read_text())["rows"]

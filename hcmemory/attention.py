@@ -113,15 +113,12 @@ def _exact_sdpa(layer: "HCLayer", query: torch.Tensor, scaling: float) -> torch.
     keys, values = layer.exact_rows(0, len(layer))
     chunk, n = query.shape[2], keys.shape[1]
     device = values.device
-    if chunk == 1:  # a decoding step: the query heads of a KV head are its rows, no GQA expansion
-        heads, dim = keys.shape[0], query.shape[-1]
-        out = F.scaled_dot_product_attention(query.reshape(1, heads, -1, dim).to(device),
-                                             keys[None].to(query.dtype), values[None].to(query.dtype), scale=scaling)
-        return out.reshape(query.shape).to(query.device)
-    mask = _causal_mask(chunk, n, device) if n > chunk else None
+    mask = None
+    if chunk > 1 and n > chunk:
+        mask = _causal_mask(chunk, n, device)
     return F.scaled_dot_product_attention(
         query.to(device), keys[None].to(device, query.dtype), values[None].to(query.dtype), attn_mask=mask,
-        is_causal=n == chunk, scale=scaling, enable_gqa=True,
+        is_causal=chunk > 1 and n == chunk, scale=scaling, enable_gqa=True,
     ).to(query.device)
 
 

@@ -71,8 +71,8 @@ class HCConfig:
     selection_queries: int = 32
     """A prefill block chooses its rows from this many of its queries (evenly spaced): scoring all
     1,024 queries of a chunk against every code costs more than the exact attention it saves.
-    Measured on SmolLM2 at 7.5K (DynamicCache prefill 186 tok/s): 32 → 171 tok/s, 64 → 133,
-    128 → 102, all → 64; on the 4K needles (full attention 7/10) hc-12.5 found 6/10 with 32 or 64
+    Measured on SmolLM2 at 7.5K (DynamicCache prefill 171–186 tok/s in the same runs): 32 → 171–178
+    tok/s, 64 → 133, 128 → 102, all → 64; on the 4K needles (full attention 7/10) hc-12.5 found 6/10 with 32 or 64
     and 7/10 with 128 or all.  Raise it when accuracy matters more than prefill speed."""
     sink_tokens: int = 4
     recent_tokens: int = 64
