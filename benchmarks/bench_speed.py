@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from hcmemory import HCCache, HCConfig, load_model
+from hcmemory import HCCache, HCConfig, cache_kwarg, load_model
 from hcmemory.prefill import prefill
 
 from .common import haystack_ids, peak_rss_mb, print_table, write_results
@@ -37,7 +37,7 @@ def measure(cache_name: str, tokens: int) -> dict:
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(DECODE_STEPS):
-        logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=logits.argmax(-1, keepdim=True), use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
     decode_s = time.perf_counter() - start
     if cache_name == "dynamic":
         device = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

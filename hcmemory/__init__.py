@@ -9,12 +9,17 @@ them on disk and in memory.
 import logging
 
 from .cache import CacheStats, HCCache
+from .checkpoint import CheckpointError
 from .config import HCConfig
 from .context import ContextStats, HCContext
+from .glue import cache_kwarg
+from .guard import ContextBusyError
 from .models import load_model, model_fingerprint, tokenizer_fingerprint
-from .store import CheckpointError, CheckpointNotFoundError, ContextPool, ContextStore
+from .pool import ContextPool
+from .store import CheckpointNotFoundError, ContextStore
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["CacheStats", "CheckpointError", "CheckpointNotFoundError", "ContextPool", "ContextStats", "ContextStore",
-           "HCCache", "HCConfig", "HCContext", "load_model", "model_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["CacheStats", "CheckpointError", "CheckpointNotFoundError", "ContextBusyError", "ContextPool",
+           "ContextStats", "ContextStore", "HCCache", "HCConfig", "HCContext", "cache_kwarg", "load_model",
+           "model_fingerprint", "tokenizer_fingerprint"]

@@ -1,101 +1,77 @@
-"""HCAttention: the attention function transformers calls for every layer that holds an HCCache.
+"""HCAttention: the math of one attention step over one layer's KV state.
 
-One step of a layer reads its KV state in two parts and merges them by log-sum-exp:
+One step of a layer reads its KV state in two parts that share one softmax:
 
 * the **exact part** — sinks, the recent window and the current chunk, full-precision keys,
   causal inside the chunk;
 * the **compressed part** — everything else.  Approximate scores from the key codes (computed
   next to the model) choose the rows worth reading (``top_p``); those rows are re-scored exactly
-  with the host copy of their keys, and the weighted sum over their values runs where the values
+  with the exact copy of their keys, and the weighted sum over their values runs where the values
   live (host memory).  With ``rescore=False`` the approximate scores are used as the weights
   directly, as the paper does.
 
-Both parts share one softmax, so the kept probabilities are renormalised over what was read.
+The layer is read through ``LayerView`` only, so this module knows nothing of caches or of
+transformers; ``glue.py`` connects it to the model.  Visibility always comes from the rows' own
+positions (causal, and the model's sliding window where it has one), never from a mask built by
+transformers over a different number of rows.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .selection import top_p_select
 
 if TYPE_CHECKING:
-    from .cache import HCLayer
+    from .config import HCConfig
+    from .rows import RowBuffer
 
-ATTN_IMPLEMENTATION = "hcattention"
 _QUERY_BLOCK_BYTES = 64 * 2**20
 """Score matrices of a prefill chunk are built in query blocks of at most this many bytes."""
 
-_active = threading.local()
+
+class LayerView(Protocol):
+    """What one attention step needs from a layer's state (``layer.HCLayer`` implements it)."""
+
+    config: "HCConfig"
+    heads: int
+    seen: int
+    positions: "RowBuffer"
+    last_selected: int
+    observes_attention: bool
+    needs_explicit_attention: bool
+
+    @property
+    def value_device(self) -> torch.device: ...
+    def __len__(self) -> int: ...
+    def exact_window(self, old: int) -> tuple[int, int]: ...
+    def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+    def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor: ...
+    def values_at(self, index: torch.Tensor) -> torch.Tensor: ...
+    def record_selection(self, selected: int, selectable: int) -> None: ...
+    def observe(self, step_mass: torch.Tensor, queries: int) -> None: ...
 
 
-def set_active_layer(layer: "HCLayer") -> None:
-    """Hand the layer just updated to the attention call that follows it on this thread.
-
-    transformers calls ``cache.update`` and then the attention function with no cache argument;
-    a thread-local hand-off keeps that pairing correct when several contexts share one model
-    from different threads.
-    """
-    _active.layer = layer
-
-
-def _take_active_layer() -> "HCLayer | None":
-    layer = getattr(_active, "layer", None)
-    _active.layer = None
-    return layer
-
-
-def hc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                         **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The registered attention function: HCAttention for HCCache layers, SDPA for anything else."""
-    layer = _take_active_layer()
-    if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(query.shape[-1])
-    out = attend(layer, query, scaling)
-    layer.evict_if_needed()
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register() -> None:
-    """Register ``hcattention`` (and its mask builder) with transformers; idempotent.
-
-    The mask builder is SDPA's: HCCache reports mask sizes covering only the current chunk, so
-    the mask transformers builds is the small causal triangle of the chunk itself, and earlier
-    rows (whose count differs per layer after eviction) are always visible.
-    """
-    AttentionInterface.register(ATTN_IMPLEMENTATION, hc_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# the data path of one step
-
-
-def attend(layer: "HCLayer", query: torch.Tensor, scaling: float) -> torch.Tensor:
+def attend(layer: LayerView, query: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
     """Attention of ``query`` ``(1, q_heads, chunk, dim)`` over the layer's kept rows.
 
-    The chunk's own keys and values were appended by ``update`` just before, so they are the
-    last ``chunk`` rows of the layer.
+    The chunk's own keys and values were appended just before, so they are the last ``chunk``
+    rows of the layer.  ``window`` is the model's sliding window for this layer (a query at
+    position p sees keys at positions > p - window), None for global attention.
     """
     if query.shape[0] != 1:
         raise ValueError("HCCache holds one sequence; run one conversation per cache (batch size 1)")
     q_heads, chunk, dim = query.shape[1:]
     heads = layer.heads
+    if q_heads % heads:
+        raise ValueError(f"{q_heads} query heads cannot share {heads} KV heads")
     groups = q_heads // heads
     if not layer.needs_explicit_attention:
-        return _exact_sdpa(layer, query, scaling)
+        return _exact_sdpa(layer, query, scaling, window)
     # the query heads of one KV head side by side; a block stacks them as (heads, groups * rows, dim)
     grouped = query[0].view(heads, groups, chunk, dim)
     block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer)))
@@ -103,22 +79,46 @@ def attend(layer: "HCLayer", query: torch.Tensor, scaling: float) -> torch.Tenso
     for start in range(0, chunk, block):
         stop = min(chunk, start + block)
         q = grouped[:, :, start:stop].reshape(heads, groups * (stop - start), dim)
-        outs.append(_attend_block(layer, q, start, stop - start, chunk, scaling).view(heads, groups, stop - start, dim))
+        out = _attend_block(layer, q, start, stop - start, chunk, scaling, window)
+        outs.append(out.view(heads, groups, stop - start, dim))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.reshape(1, q_heads, chunk, dim).to(query.device, query.dtype)
 
 
-def _exact_sdpa(layer: "HCLayer", query: torch.Tensor, scaling: float) -> torch.Tensor:
+def _query_positions(layer: LayerView, chunk: int, first: int, rows: int, device: torch.device) -> torch.Tensor:
+    return layer.seen - chunk + first + torch.arange(rows, device=device)
+
+
+def _window_mask(layer: LayerView, key_positions: torch.Tensor, chunk: int, first: int, rows: int,
+                 window: int) -> torch.Tensor:
+    """``(..., rows, cols)``: causal and inside the sliding window, from absolute positions."""
+    query = _query_positions(layer, chunk, first, rows, key_positions.device)[:, None]
+    keys = key_positions[..., None, :]
+    return (keys <= query) & (keys > query - window)
+
+
+def _outside_window(layer: LayerView, chunk: int, window: int | None) -> bool:
+    """Whether any kept row is out of the window of some query of this chunk (rows older than
+    every query's window are dropped after each step, so for a decode step this is rare)."""
+    if window is None or not len(layer):
+        return False
+    oldest = int(layer.positions.view()[0, 0])  # host memory: no device synchronisation
+    return chunk > 1 or oldest <= layer.seen - chunk - window
+
+
+def _exact_sdpa(layer: LayerView, query: torch.Tensor, scaling: float, window: int | None) -> torch.Tensor:
     """Identity state, nothing to observe: exactly what transformers' SDPA path computes."""
     keys, values = layer.exact_rows(0, len(layer))
     chunk, n = query.shape[2], keys.shape[1]
-    device = values.device
+    where = values.device
     mask = None
-    if chunk > 1 and n > chunk:
-        mask = _causal_mask(chunk, n, device)
+    if _outside_window(layer, chunk, window):
+        mask = _window_mask(layer, layer.positions.view()[0].to(where), chunk, 0, chunk, window)
+    elif chunk > 1 and n > chunk:
+        mask = _causal_mask(chunk, n, where)
     return F.scaled_dot_product_attention(
-        query.to(device), keys[None].to(device, query.dtype), values[None].to(query.dtype), attn_mask=mask,
-        is_causal=chunk > 1 and n == chunk, scale=scaling, enable_gqa=True,
+        query.to(where), keys[None].to(where, query.dtype), values[None].to(query.dtype), attn_mask=mask,
+        is_causal=mask is None and chunk > 1 and n == chunk, scale=scaling, enable_gqa=True,
     ).to(query.device)
 
 
@@ -129,7 +129,8 @@ def _causal_mask(chunk: int, n: int, device: torch.device, first: int = 0, rows:
     return torch.arange(n, device=device)[None, :] <= query_pos[:, None]
 
 
-def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chunk: int, scaling: float) -> torch.Tensor:
+def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chunk: int, scaling: float,
+                  window: int | None) -> torch.Tensor:
     """One block of ``rows`` queries (stacked over the group: ``(heads, groups * rows, dim)``).
 
     Columns are the selected compressed rows followed by the exact rows (sinks, recent window,
@@ -139,9 +140,9 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
     """
     n = len(layer)
     sink_end, recent_start = layer.exact_window(n - chunk)
-    host = layer.values.device
+    where = layer.value_device
     heads, groups = layer.heads, q.shape[1] // rows
-    q_host = q.to(host, torch.float32)
+    q_rows = q.to(where, torch.float32)
     exact_count = sink_end + n - recent_start
     approx_scores, index = None, None
     if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
@@ -156,36 +157,43 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
             mass = torch.softmax(approx * scaling, dim=-1).mean(dim=1)
             chosen = top_p_select(mass, layer.config.top_p, hint=layer.last_selected)
             layer.record_selection(chosen.shape[1], recent_start - sink_end)
-            compressed = chosen.to(host) + sink_end
+            compressed = chosen.to(where) + sink_end
         else:
-            chosen, compressed = None, torch.arange(sink_end, recent_start, device=host).expand(heads, -1)
-        exact = torch.cat([torch.arange(sink_end, device=host),
-                           torch.arange(recent_start, n, device=host)]).expand(heads, -1)
+            chosen, compressed = None, torch.arange(sink_end, recent_start, device=where).expand(heads, -1)
+        exact = torch.cat([torch.arange(sink_end, device=where),
+                           torch.arange(recent_start, n, device=where)]).expand(heads, -1)
         index = torch.cat([compressed, exact], dim=1)  # one gather reads the selected rows, then the exact ones
         if rescore:
-            keys = layer.host_keys_at(index)
+            keys = layer.exact_keys_at(index)
         else:
-            keys = layer.host_keys_at(exact)
+            keys = layer.exact_keys_at(exact)
             approx_scores = approx if chosen is None else approx.gather(
                 -1, chosen[:, None, :].expand(-1, approx.shape[1], -1))
         values = layer.values_at(index)
     else:  # every row is exact (uncompressed keys): read them in place
         keys, values = layer.exact_rows(0, n)
     selected = 0 if index is None else index.shape[1] - exact_count
-    visible = None
-    if chunk > 1:
-        visible = _causal_mask(chunk, exact_count, host, first, rows)
+    if _outside_window(layer, chunk, window):
+        positions = layer.positions.view()[0].to(where)
+        if index is None:  # every row in order: one (rows, n) mask for all heads
+            visible = _window_mask(layer, positions, chunk, first, rows, window)
+        else:  # each head read its own rows: (heads, 1, rows, cols), broadcast over the group
+            visible = _window_mask(layer, positions[index], chunk, first, rows, window)[:, None]
+    elif chunk > 1:
+        visible = _causal_mask(chunk, exact_count, where, first, rows)
         if selected:
-            visible = torch.cat([torch.ones(rows, selected, dtype=torch.bool, device=host), visible], dim=1)
+            visible = torch.cat([torch.ones(rows, selected, dtype=torch.bool, device=where), visible], dim=1)
+    else:
+        visible = None
     values = values.float()
     if approx_scores is None and not layer.observes_attention:
-        out = F.scaled_dot_product_attention(q_host.view(heads, groups, rows, -1), keys[:, None].float(),
+        out = F.scaled_dot_product_attention(q_rows.view(heads, groups, rows, -1), keys[:, None].float(),
                                              values[:, None], attn_mask=visible, scale=scaling, enable_gqa=True)
         return out.reshape(heads, groups * rows, -1)
 
-    scores = q_host @ keys.float().transpose(-1, -2)
+    scores = q_rows @ keys.float().transpose(-1, -2)
     if approx_scores is not None:
-        scores = torch.cat([approx_scores.to(host), scores], dim=-1)
+        scores = torch.cat([approx_scores.to(where), scores], dim=-1)
     scores = scores * scaling
     if visible is not None:
         scores = scores.view(heads, groups, rows, -1).masked_fill(~visible, float("-inf")).flatten(1, 2)
@@ -193,6 +201,6 @@ def _attend_block(layer: "HCLayer", q: torch.Tensor, first: int, rows: int, chun
     if layer.observes_attention:
         observed = probs.sum(dim=1)
         if index is not None:
-            observed = torch.zeros(heads, n, device=host).scatter_add_(1, index, observed)
+            observed = torch.zeros(heads, n, device=where).scatter_add_(1, index, observed)
         layer.observe(observed, queries=groups * rows)
     return probs @ values

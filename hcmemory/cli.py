@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from .config import HCConfig
 from .context import HCContext
 from .models import load_model
+from .glue import cache_kwarg
 from .prefill import prefill
 
 DEMO_PRESET = "hc-12.5"
@@ -27,12 +28,12 @@ def demo_document() -> tuple[str, list[dict[str, str]]]:
     return data.joinpath("demo_document.txt").read_text(encoding="utf-8"), questions
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _decode_speed(model: torch.nn.Module, cache, logits: torch.Tensor, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         token = logits.argmax(-1, keepdim=True)
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
     return steps / (time.perf_counter() - start)
 
 

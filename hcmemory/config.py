@@ -1,33 +1,42 @@
 """HCConfig: every knob of the KV state in one validated dataclass, plus named presets.
 
 Validation happens at construction so that a typo fails where it is made, not deep inside a
-forward pass; each error names the field and the values it accepts.
+forward pass; each error names the field and the values it accepts.  ``CHOICES`` is the one list
+of allowed values per field, and ``coerce_config`` the one way any API turns what a user passed
+(preset name, ``HCConfig``, dict) into a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-KEY_CODECS = ("none", "vq", "int8", "int4", "int2")
-VALUE_CODECS = ("none", "fp16", "bf16", "int8", "int4", "int2")
-PLACEMENTS = ("host", "device")
-CODEBOOK_SHARING = ("layer", "head", "group")
-CALIBRATION_SOURCES = ("shipped", "context")
-EVICTION_POLICIES = ("none", "hc", "h2o", "streaming", "window")
-RESCORE_KEYS = ("fp16", "int8", "none")
+CHOICES: dict[str, tuple] = {
+    "key_codec": ("none", "vq", "int8", "int4", "int2"),
+    "vq_subvector_dim": (1, 2, 4, 8),
+    "vq_codebook": ("layer", "head", "group"),
+    "calibration": ("shipped", "context"),
+    "rescore_keys": ("fp16", "int8", "none"),
+    "value_codec": ("none", "fp16", "bf16", "int8", "int4", "int2"),
+    "value_placement": ("host", "device"),
+    "eviction": ("none", "hc", "h2o", "streaming", "window"),
+}
+"""Allowed values of every field that takes one of a fixed set."""
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"HCConfig.{name}={value!r} is not valid; allowed values: {', '.join(map(repr, allowed))}")
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"HCConfig.{name}={value!r} is not valid; {expected}")
 
 
-def _check(name: str, ok: bool, expected: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"HCConfig.{name}={value!r} is not valid; expected {expected}")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,11 @@ class HCConfig:
     vq_codebook: str = "layer"
     """Codebook sharing: one per ``layer``, per ``head`` (layer × KV head) or per ``group`` of dimensions."""
     calibration: str = "shipped"
-    """Where VQ codebooks come from: the ``shipped`` calibration text or the ``context``'s own first chunk."""
+    """Where key codecs are fitted: on the ``shipped`` calibration text (once per model, cached on
+    disk), or on the ``context``'s own committed keys once ``calibration_tokens`` have arrived."""
+    calibration_tokens: int = 1024
+    """With ``calibration="context"``: committed tokens a layer waits for before fitting (until
+    then its keys stay exact).  Fitting on a 2-token append tripled the key error for good."""
     kmeans_iters: int = 12
 
     # --- host side: exact re-scoring and values ---------------------------------------------
@@ -89,39 +102,33 @@ class HCConfig:
     """Row buffers grow by at least this many rows (amortized, never whole-cache copies per step)."""
 
     def __post_init__(self) -> None:
-        _choice("key_codec", self.key_codec, KEY_CODECS)
-        _choice("value_codec", self.value_codec, VALUE_CODECS)
-        _choice("value_placement", self.value_placement, PLACEMENTS)
-        _choice("vq_codebook", self.vq_codebook, CODEBOOK_SHARING)
-        _choice("calibration", self.calibration, CALIBRATION_SOURCES)
-        _choice("eviction", self.eviction, EVICTION_POLICIES)
-        _choice("rescore_keys", self.rescore_keys, RESCORE_KEYS)
-        _choice("vq_subvector_dim", self.vq_subvector_dim, (1, 2, 4, 8))
-        _check("vq_centroids", isinstance(self.vq_centroids, int) and 2 <= self.vq_centroids <= 65536,
-               "an int in [2, 65536]", self.vq_centroids)
-        _check("kmeans_iters", isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 1,
-               "an int >= 1", self.kmeans_iters)
-        _check("rescore", isinstance(self.rescore, bool), "True or False", self.rescore)
-        _check("top_p", isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
-               "a float in (0, 1]", self.top_p)
-        _check("selection_queries", isinstance(self.selection_queries, int)
-               and not isinstance(self.selection_queries, bool) and self.selection_queries >= 1,
-               "an int >= 1", self.selection_queries)
-        for name in ("sink_tokens", "recent_tokens"):
+        for name, allowed in CHOICES.items():
             value = getattr(self, name)
-            _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an int >= 0", value)
-        for name in ("chunk_size", "store_growth"):
+            if isinstance(value, bool) or value not in allowed:  # True == 1 would pass `in (1, 2, 4, 8)`
+                _fail(name, value, f"allowed values: {', '.join(map(repr, allowed))}")
+        ints = {"vq_centroids": (2, 65536), "kmeans_iters": (1, None), "selection_queries": (1, None),
+                "sink_tokens": (0, None), "recent_tokens": (0, None), "chunk_size": (1, None),
+                "store_growth": (1, None), "calibration_tokens": (1, None)}
+        for name, (low, high) in ints.items():
             value = getattr(self, name)
-            _check(name, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an int >= 1", value)
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                _fail(name, value, f"expected an int in [{low}, {high}]" if high else f"expected an int >= {low}")
+        if not isinstance(self.rescore, bool):
+            _fail("rescore", self.rescore, "expected True or False")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            _fail("top_p", self.top_p, "expected a float in (0, 1]")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
         budget = self.budget
+        protected = self.sink_tokens + self.recent_tokens
         if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-                _check("budget", False, "None, an int of rows, or a float fraction in (0, 1]", budget)
-            if isinstance(budget, int):
-                _check("budget", budget > self.sink_tokens + self.recent_tokens,
-                       f"more rows than sink_tokens + recent_tokens ({self.sink_tokens + self.recent_tokens})", budget)
-            else:
-                _check("budget", 0.0 < budget <= 1.0, "a float fraction in (0, 1]", budget)
+            if not _is_number(budget):
+                _fail("budget", budget, "expected None, an int of rows, or a float fraction in (0, 1]")
+            if isinstance(budget, int) and budget <= protected:
+                _fail("budget", budget, f"expected more rows than sink_tokens + recent_tokens ({protected})")
+            if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+                _fail("budget", budget, "expected a float fraction in (0, 1]")
         if (self.eviction == "none") != (budget is None):
             raise ValueError(
                 f"HCConfig.budget={budget!r} with eviction={self.eviction!r}: a budget needs an eviction policy "
@@ -144,11 +151,18 @@ class HCConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HCConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, complete: bool = False) -> "HCConfig":
+        """A config from field values; ``complete=True`` (checkpoints) requires every field, so a
+        stored config is never silently completed with today's defaults."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"HCConfig.from_dict takes a dict of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"HCConfig has no field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted(known - set(data))
+        if complete and missing:
+            raise ValueError(f"the stored HCConfig lacks field(s) {missing}")
         return cls(**data)
 
     @classmethod
@@ -161,6 +175,21 @@ class HCConfig:
     @staticmethod
     def presets() -> list[str]:
         return list(PRESETS)
+
+
+def coerce_config(config: "HCConfig | str | Mapping[str, Any] | None") -> HCConfig:
+    """What every public API accepts as ``config``: a preset name, an ``HCConfig``, a dict of its
+    fields, or None (the ``full`` preset)."""
+    if config is None:
+        return HCConfig()
+    if isinstance(config, HCConfig):
+        return config
+    if isinstance(config, str):
+        return HCConfig.preset(config)
+    if isinstance(config, Mapping):
+        return HCConfig.from_dict(config)
+    raise TypeError(f"config must be a preset name ({', '.join(PRESETS)}), an HCConfig or a dict of HCConfig "
+                    f"fields, not {type(config).__name__}")
 
 
 _HC = dict(key_codec="vq", vq_centroids=256, vq_codebook="head", value_placement="host", value_codec="fp16",

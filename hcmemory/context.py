@@ -2,29 +2,39 @@
 
 Everything appended is prefilled once into the live cache and never again.  Questions are
 answered in a temporary overlay (a cache transaction that is rolled back), so asking leaves the
-state exactly as it was; ``chat`` commits the turn instead.  Every public call holds the
-context's lock, so one context used from several threads serializes its calls, while different
-contexts on the same model run independently.
+state exactly as it was; ``chat`` commits the turn instead.  Calls are serialized by a guard
+(``guard.py``): other threads wait their turn, and a call made from inside another call on the
+same thread (in a ``stream()`` loop) raises ``ContextBusyError`` instead of corrupting the state.
+Arguments are checked here, at the boundary, with errors that name the argument.
+
+Persistence hangs below: ``to_state()`` copies the state out under the guard, ``from_state()``
+rebuilds a context around it without prefilling anything; ``checkpoint.py`` is the format.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .cache import CacheStats, HCCache
 from .chat import ChatFormat
-from .config import HCConfig
+from .checkpoint import ContextState, fingerprints, inconsistent, read_file, write_file
+from .config import HCConfig, coerce_config
+from .decoding import Sampling, decode, stop_token_ids
+from .guard import CallGuard
+from .models import check_model, check_tokenizer
 from .prefill import prefill
 
 log = logging.getLogger(__name__)
+
+Content = str | Sequence[str] | Sequence[int] | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -35,29 +45,54 @@ class ContextStats(CacheStats):
     """Tokens prefilled into the committed state (documents, chat turns): each exactly once."""
 
 
+def check_id(value: Any, name: str = "context_id") -> str:
+    """A context id or tag: a non-empty string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a non-empty string, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
+
+
 class HCContext:
     """A live, growing KV state over one conversation or document set.
 
-    ``config`` is an ``HCConfig`` or a preset name (default ``full``).
+    ``config`` is a preset name, an ``HCConfig`` or a dict of its fields (default ``full``).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 config: HCConfig | str | None = None, context_id: str | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = HCConfig.preset(config) if isinstance(config, str) else (config or HCConfig())
-        self.context_id = context_id or uuid.uuid4().hex
-        self.cache = HCCache(model, self.config, tokenizer)
+                 config: HCConfig | str | dict | None = None, context_id: str | None = None) -> None:
+        check_model(model)
+        check_tokenizer(tokenizer)
+        config = coerce_config(config)
+        context_id = uuid.uuid4().hex if context_id is None else check_id(context_id)
+        self._setup(model, tokenizer, config, context_id, HCCache.for_model(model, config, tokenizer), [], 0, False)
+
+    def _setup(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: HCConfig, context_id: str,
+               cache: HCCache, token_ids: list[int], tokens_prefilled: int, turn_open: bool) -> None:
+        """Every field a context has; ``__init__`` starts empty, ``from_state`` and ``fork`` start filled."""
+        self.model, self.tokenizer, self.config, self.context_id = model, tokenizer, config, context_id
+        self.cache = cache
         self.format = ChatFormat.for_tokenizer(tokenizer)
-        self.token_ids: list[int] = []
-        self.tokens_prefilled = 0
-        self.turn_open = False
+        self.token_ids = token_ids
+        self.tokens_prefilled = tokens_prefilled
+        self.turn_open = turn_open
         """True while appended documents sit in a user turn that a question will close."""
-        self._lock = threading.RLock()
+        self._guard = CallGuard()
+        self._closed: str | None = None
+
+    def _check_live(self) -> None:
+        """Refuse to run on a closed context or on a cache someone changed behind this context's back."""
+        if self._closed:
+            raise RuntimeError(f"context {self.context_id!r} was {self._closed}; get it again (e.g. pool.get(...))")
+        if self.cache.seen != len(self.token_ids):
+            raise RuntimeError(
+                f"context {self.context_id!r} holds {len(self.token_ids)} tokens but its cache has seen "
+                f"{self.cache.seen}: the cache was used directly (e.g. model.generate on ctx.cache); use ctx.fork().cache "
+                "for that, or reset() this context")
 
     # --- growing the state -------------------------------------------------------------------
-    def append(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor, progress: bool | None = None,
-               raw: bool = False) -> int:
+    def append(self, content: Content, progress: bool | None = None, raw: bool = False) -> int:
         """Prefill only the new tokens into the live state; returns how many were added.
 
         Text goes into a user turn of the chat format (opened if needed, see ``chat.py``) so the
@@ -65,9 +100,10 @@ class HCContext:
         All or nothing: an error or ``KeyboardInterrupt`` midway leaves the context as it was.
         """
         ids, is_text = self._tokenize(content)
-        if not ids:
-            return 0
-        with self._lock:
+        with self._guard.hold("append"):
+            self._check_live()
+            if not ids:
+                return 0
             frame = is_text and not raw and not self.turn_open
             if frame:
                 ids = self._to_ids(self._open_turn()) + ids
@@ -80,21 +116,26 @@ class HCContext:
 
     def _open_turn(self) -> str:
         last = self.token_ids[-1] if self.token_ids else None
-        after_eos = self.tokenizer.decode([last]) if last in self._stop_ids() else None
+        after_eos = self.tokenizer.decode([last]) if last in stop_token_ids(self.model, self.tokenizer) else None
         return self.format.open_turn(empty=not self.token_ids, after_eos=after_eos)
 
-    def _to_ids(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor) -> list[int]:
+    def _to_ids(self, content: Content) -> list[int]:
         return self._tokenize(content)[0]
 
-    def _tokenize(self, content: str | Sequence[str] | Sequence[int] | torch.Tensor) -> tuple[list[int], bool]:
+    def _tokenize(self, content: Content) -> tuple[list[int], bool]:
         """(token ids, whether the content was text)."""
         if isinstance(content, str):
             return self.tokenizer(content, add_special_tokens=False).input_ids, True
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            raise TypeError("append() takes text (str), not bytes; decode it first, e.g. data.decode('utf-8')")
         if isinstance(content, torch.Tensor):
             if content.dtype not in (torch.int32, torch.int64) or content.dim() > 2 or (
                     content.dim() == 2 and content.shape[0] != 1):
                 raise ValueError("token tensors must be integer ids shaped (n,) or (1, n)")
             content = content.flatten().tolist()
+        if not isinstance(content, (list, tuple)):
+            raise TypeError("append() takes a string, a list of strings, or a list/tensor of token ids, "
+                            f"not {type(content).__name__}")
         items = list(content)
         if items and all(isinstance(x, str) for x in items):
             return [t for text in items for t in self.tokenizer(text, add_special_tokens=False).input_ids], True
@@ -104,7 +145,8 @@ class HCContext:
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
             return items, False
-        raise TypeError("append() takes a string, a list of strings, or a list/tensor of token ids")
+        raise TypeError("append() takes a string, a list of strings, or a list/tensor of token ids; "
+                        f"got a list holding {sorted({type(x).__name__ for x in items})}")
 
     def _prefill(self, ids: list[int], progress: bool | None = None) -> torch.Tensor:
         return prefill(self.model, self.cache, torch.tensor([ids]), self.config.chunk_size, progress)
@@ -128,21 +170,40 @@ class HCContext:
 
     def stream(self, message: str, commit: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
                stop: Sequence[str] | None = None, seed: int | None = None, raw: bool = False) -> Iterator[str]:
-        """Yield the answer's text as it is generated (``commit`` keeps the turn, like ``chat``)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        with self._lock, self.cache.transaction(commit=commit):
-            prompt = self._turn_ids(message, raw)
-            logits = self._prefill(prompt)
-            generated = yield from self._generate(logits, max_new_tokens, temperature, list(stop or ()), seed)
+        """Yield the answer's text as it is generated (``commit`` keeps the turn, like ``chat``).
+
+        Arguments are checked now; the context is held from the first piece until the generator
+        ends or is closed (a stream stopped early keeps nothing, even with ``commit=True``).
+        """
+        if not isinstance(message, str):
+            raise TypeError(f"the question or message must be a string, not {type(message).__name__}")
+        if not message.strip():
+            raise ValueError("the question or message is empty")
+        return self._stream(message, commit, Sampling.of(max_new_tokens, temperature, stop, seed), raw)
+
+    def _stream(self, message: str, commit: bool, sampling: Sampling, raw: bool) -> Iterator[str]:
+        self._guard.acquire("stream")
+        try:
+            self._check_live()
+            with self.cache.transaction(commit=commit):
+                prompt = self._turn_ids(message, raw)
+                pieces = decode(self.model, self.tokenizer, self.cache, self._prefill(prompt), sampling)
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as done:
+                        generated = done.value
+                        break
+                    yield piece
+                    self._guard.resumed()
             if commit:
                 self.token_ids.extend(prompt + generated)
                 self.tokens_prefilled += len(prompt)
                 self.turn_open = self.turn_open and raw
+        finally:
+            self._guard.release()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def next_logits(self, probe: str | Sequence[int]) -> torch.Tensor:
         """Logits ``(vocab,)`` after the context followed by ``probe``, leaving the context unchanged.
 
@@ -152,13 +213,13 @@ class HCContext:
         ids = self._to_ids(probe)
         if not ids:
             raise ValueError("next_logits() needs a non-empty probe")
-        with self._lock, self.cache.transaction(commit=False):
-            return self._prefill(ids)[0].clone()
+        with self._guard.hold("next_logits"):
+            self._check_live()
+            with self.cache.transaction(commit=False):
+                return self._prefill(ids)[0].clone()
 
     def _turn_ids(self, message: str, raw: bool = False) -> list[int]:
         """The question closing the open user turn (or a whole new turn) and the assistant's opening."""
-        if not message.strip():
-            raise ValueError("the question or message is empty")
         if raw:
             text = message
         elif self.turn_open:
@@ -167,73 +228,90 @@ class HCContext:
             text = self._open_turn() + message + self.format.close
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _stop_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
-    @torch.inference_mode()
-    def _generate(self, logits: torch.Tensor, max_new_tokens: int, temperature: float, stop: list[str],
-                  seed: int | None) -> Iterator[str]:
-        """Decode into the live cache, yielding new text as it forms.
-
-        Returns the ids fed to the cache, ending with the end-of-turn token when the model
-        produced one (fed too, so a committed turn is closed the way the chat format expects).
-        """
-        stop_ids = self._stop_ids()
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        device = next(self.model.parameters()).device
-        generated: list[int] = []
-        emitted = ""
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                token = int(logits.argmax(-1))
-            else:
-                probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            generated.append(token)
-            logits = self.model(input_ids=torch.tensor([[token]], device=device), past_key_values=self.cache,
-                                use_cache=True).logits[:, -1]
-            if token in stop_ids:
-                break
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-            if hit >= 0:
-                if hit > len(emitted):
-                    yield text[len(emitted):hit]
-                break
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                yield text[len(emitted):]
-                emitted = text
-        return generated
-
     # --- branching and bookkeeping -----------------------------------------------------------
     def fork(self, context_id: str | None = None) -> "HCContext":
         """A branch sharing this context's stores copy-on-write: cheap to make, independent after."""
-        with self._lock:
-            return HCContext._restore(self.model, self.tokenizer, self.config, context_id or uuid.uuid4().hex,
-                                      self.cache.fork(), list(self.token_ids), self.tokens_prefilled, self.turn_open)
+        context_id = uuid.uuid4().hex if context_id is None else check_id(context_id)
+        with self._guard.hold("fork"):
+            self._check_live()
+            twin = object.__new__(HCContext)
+            twin._setup(self.model, self.tokenizer, self.config, context_id, self.cache.fork(), list(self.token_ids),
+                        self.tokens_prefilled, self.turn_open)
+            return twin
 
     def stats(self) -> ContextStats:
-        with self._lock:
+        with self._guard.hold("stats"):
             return ContextStats(**vars(self.cache.stats()), tokens_prefilled=self.tokens_prefilled)
 
     def reset(self) -> None:
         """Forget everything (the model and configuration stay)."""
-        with self._lock:
+        with self._guard.hold("reset"):
+            if self._closed:
+                raise RuntimeError(f"context {self.context_id!r} was {self._closed}")
             self.cache.reset()
             self.token_ids.clear()
             self.tokens_prefilled = 0
             self.turn_open = False
 
-    # --- persistence -------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this context to one safetensors file, atomically (see ``hcmemory.store``)."""
-        from .store import save_file  # store builds on this module
+    def close(self) -> None:
+        """Release the state; any later call raises."""
+        with self._guard.hold("close"):
+            self._closed = "closed"
+            self.cache.reset()
 
-        save_file(self, path)
+    # --- persistence -------------------------------------------------------------------------
+    def to_state(self) -> ContextState:
+        """A copy of everything this context is, taken under the guard (for a checkpoint)."""
+        with self._guard.hold("to_state"):
+            return self._copy_state()
+
+    def _copy_state(self) -> ContextState:
+        self._check_live()
+        tensors, layers = self.cache.state()
+        model_fp, tokenizer_fp = fingerprints(self.model, self.tokenizer)
+        name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
+        return ContextState(self.context_id, self.config, list(self.token_ids), self.tokens_prefilled,
+                            self.turn_open, layers, tensors, model_fp, tokenizer_fp, name)
+
+    def spill(self, save: Callable[[ContextState], Any], blocking: bool = True) -> bool:
+        """Hand the state to ``save`` and close this context, as one step no other call can
+        interleave with (a pool spilling it to its store).  With ``blocking=False`` a context that
+        is in use is left alone and False returned."""
+        if not self._guard.acquire("spill", blocking):
+            return False
+        try:
+            save(self._copy_state())
+            self._closed = "spilled to its store"
+            self.cache.reset()
+        finally:
+            self._guard.release()
+        return True
+
+    @classmethod
+    def from_state(cls, state: ContextState, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   where: str = "checkpoint") -> "HCContext":
+        """Rebuild a context around ``state`` without prefilling anything; ``CheckpointError`` when
+        the tensors do not fit the configuration or the model."""
+        check_model(model)
+        check_tokenizer(tokenizer)
+        try:
+            vocab = model.config.vocab_size
+            if any(t >= vocab for t in state.token_ids):
+                raise ValueError(f"token ids beyond the model's vocabulary of {vocab}")
+            cache = HCCache(model, state.config)
+            cache.load_state(state.tensors, state.layers)
+        except ValueError as exc:
+            raise inconsistent(where, exc) from exc
+        ctx = object.__new__(cls)
+        ctx._setup(model, tokenizer, state.config, state.context_id, cache, list(state.token_ids),
+                   state.tokens_prefilled, state.turn_open)
+        return ctx
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this context to one safetensors file, atomically (see ``checkpoint.py``)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path, not {type(path).__name__}")
+        write_file(self.to_state(), path, uuid.uuid4().hex)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: torch.nn.Module,
@@ -241,26 +319,11 @@ class HCContext:
         """Rebuild a context written by ``save`` for ``model``, without prefilling anything again.
 
         Raises ``ValueError`` if the file was made with another model or tokenizer, and
-        ``hcmemory.store.CheckpointError`` if it is damaged or from a newer hcmemory.
+        ``hcmemory.CheckpointError`` if it is damaged, inconsistent or of another format version.
         """
-        from .store import load_file
-
-        return load_file(path, model, tokenizer)
-
-    @classmethod
-    def _restore(cls, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: HCConfig,
-                 context_id: str, cache: HCCache, token_ids: list[int], tokens_prefilled: int,
-                 turn_open: bool) -> "HCContext":
-        """A context around an already filled cache (checkpoints): ``__init__`` would start empty.
-
-        Takes every field ``__init__`` sets; a new field must be added here and to the checkpoint.
-        """
-        ctx = object.__new__(cls)
-        ctx.model, ctx.tokenizer, ctx.config, ctx.context_id = model, tokenizer, config, context_id
-        ctx.cache, ctx.format = cache, ChatFormat.for_tokenizer(tokenizer)
-        ctx.token_ids, ctx.tokens_prefilled, ctx.turn_open = token_ids, tokens_prefilled, turn_open
-        ctx._lock = threading.RLock()
-        return ctx
+        check_model(model)
+        check_tokenizer(tokenizer)
+        return cls.from_state(read_file(path, model, tokenizer), model, tokenizer, where=str(path))
 
     def __len__(self) -> int:
         return len(self.token_ids)

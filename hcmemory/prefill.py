@@ -13,10 +13,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from .glue import cache_kwarg
+
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def prefill(model: torch.nn.Module, cache: Cache, input_ids: torch.Tensor, chunk_size: int = 1024,
             progress: bool | None = None) -> torch.Tensor:
     """Append ``input_ids`` (``(1, n)`` or ``(n,)``) to ``cache``; returns the last position's logits ``(1, vocab)``.
@@ -36,7 +38,7 @@ def prefill(model: torch.nn.Module, cache: Cache, input_ids: torch.Tensor, chunk
     with tqdm(total=n, unit="tok", desc="prefill", disable=not show, leave=False) as bar:
         for start in range(0, n, chunk_size):
             chunk = input_ids[:, start : start + chunk_size].to(device)
-            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache))
             logits = out.logits[:, -1]
             bar.update(chunk.shape[1])
     log.debug("prefilled %d tokens in chunks of %d", n, chunk_size)

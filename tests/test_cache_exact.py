@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hcmemory import HCCache, HCConfig
+from hcmemory import HCCache, HCConfig, cache_kwarg
 from hcmemory.prefill import prefill
 
 from .conftest import tiny_model
@@ -22,7 +22,7 @@ def run(model, cache, ids: torch.Tensor, steps: int, chunk_size: int) -> tuple[t
     for _ in range(steps):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(int(token))
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
         all_logits.append(logits)
     return torch.cat(all_logits), tokens
 
@@ -62,8 +62,8 @@ def test_generate_with_hccache_matches_dynamic_cache():
     model = tiny_model("llama")
     ids = random_ids(50, model.config.vocab_size, seed=3)
     kwargs = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-    expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-    got = model.generate(ids, past_key_values=HCCache(model), **kwargs)
+    expected = model.generate(ids, **cache_kwarg(model, DynamicCache(config=model.config)), **kwargs)
+    got = model.generate(ids, **cache_kwarg(model, HCCache(model)), **kwargs)
     assert torch.equal(got, expected)
 
 
@@ -96,7 +96,7 @@ def test_stores_grow_by_amortized_chunks():
     reallocations, data = 0, cache.layers[0].values.rows.data
     with torch.inference_mode():
         for _ in range(200):
-            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, :1], use_cache=True, **cache_kwarg(model, cache))
             if cache.layers[0].values.rows.data.data_ptr() != data.data_ptr():
                 reallocations, data = reallocations + 1, cache.layers[0].values.rows.data
     assert len(cache.layers[0]) == 210

@@ -244,10 +244,14 @@ def test_uniform_channel_axis_beats_token_axis_on_outlier_channels(bits: int) ->
     assert errors["channel"] < 0.5 * errors["token"]
 
 
-def test_uniform_channel_axis_calibrates_on_first_encode_and_round_trips_state() -> None:
+def test_uniform_channel_axis_needs_calibration_and_round_trips_state() -> None:
     codec = UniformCodec(HEADS, DIM, bits=8, axis="channel")
-    assert not codec.needs_fit and codec.state_dict() == {}
+    assert codec.needs_fit and codec.state_dict() == {}
     keys = _outlier_keys(64, seed=0)
+    with pytest.raises(ValueError, match="fit"):
+        codec.encode(keys)  # statistics taken from whatever arrives first would be kept for good
+    codec.fit(keys)
+    assert not codec.needs_fit
     codes = codec.encode(keys)
     state = codec.state_dict()
     assert set(state) == {"shift", "scale"} and state["shift"].shape == (HEADS, DIM)

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from hcmemory import HCCache, HCConfig
 from hcmemory.attention import attend
-from hcmemory.cache import HCLayer
+from hcmemory.layer import HCLayer
 from hcmemory.prefill import prefill
 
 from .conftest import tiny_model
@@ -22,11 +22,23 @@ EXACT_HOST = dict(value_codec="none", rescore_keys="none")
 """Host copies at model precision, so re-scoring can be compared with full attention exactly."""
 
 
+def calibrate(layer: HCLayer, keys: torch.Tensor) -> None:
+    """Fit the layer's key codecs on ``keys (heads, n, dim)``, as the shipped calibration would."""
+    codecs = layer._fresh_codecs()
+    states = {}
+    for name in ("keys", "exact_keys"):
+        codec = getattr(codecs, name)
+        if codec is not None and codec.needs_fit:
+            codec.fit(keys)
+            states[name] = codec.state_dict()
+    layer.load_codec_states(states)
+
+
 def filled_layer(config: HCConfig, n: int = 120, heads: int = 2, dim: int = 16, seed: int = 0) -> tuple[HCLayer, ...]:
     torch.manual_seed(seed)
     layer = HCLayer(config, heads, dim, torch.device("cpu"), torch.float32)
     keys, values = torch.randn(1, heads, n, dim), torch.randn(1, heads, n, dim)
-    layer.key_codes.codec.fit(keys[0])
+    calibrate(layer, keys[0])
     layer.update(keys, values)
     return layer, keys[0], values[0]
 
@@ -88,9 +100,11 @@ def test_rescored_model_logits_equal_full(family):
     model = tiny_model(family)
     ids = random_ids(400, model.config.vocab_size, seed=5)
     expected, tokens = run(model, DynamicCache(config=model.config), ids, steps=8, chunk_size=100)
-    config = HCConfig(key_codec="vq", vq_centroids=32, vq_subvector_dim=2, calibration="context", top_p=1.0,
-                      value_placement="host", **EXACT_HOST)
-    got, got_tokens = run(model, HCCache(model, config), ids, steps=8, chunk_size=100)
+    config = HCConfig(key_codec="vq", vq_centroids=32, vq_subvector_dim=2, calibration="context",
+                      calibration_tokens=100, top_p=1.0, value_placement="host", **EXACT_HOST)
+    cache = HCCache(model, config)
+    got, got_tokens = run(model, cache, ids, steps=8, chunk_size=100)
+    assert all(layer.compressed for layer in cache.layers), "the codes must have been used"
     assert_close(got, expected)
     assert got_tokens == tokens
 
@@ -130,14 +144,14 @@ def test_h2o_keeps_the_rows_that_received_attention():
     heavy = torch.zeros(2, 100)
     heavy[:, 10:40] = 1.0
     layer.observe(heavy, queries=1)
-    layer.evict_if_needed()
+    layer.after_attention(None)
     kept = set(layer.positions.view()[0].tolist())
     assert set(range(10, 40)) <= kept
 
 
 def test_stats_bytes_are_the_tensors_real_sizes():
     model = tiny_model("llama")
-    config = HCConfig.preset("hc-12.5", calibration="context")
+    config = HCConfig.preset("hc-12.5", calibration="context", calibration_tokens=64)
     cache = HCCache(model, config)
     prefill(model, cache, random_ids(300, model.config.vocab_size))
     stats = cache.stats()
@@ -146,7 +160,7 @@ def test_stats_bytes_are_the_tensors_real_sizes():
         codes = layer.key_codes.rows.view()
         device += codes.numel() * codes.element_size() + sum(
             t.numel() * t.element_size() for t in layer.key_codes.codec.state_dict().values())
-        for store in (layer.host_keys, layer.values):
+        for store in (layer.exact_keys, layer.values):
             rows = store.rows.view()
             host += rows.numel() * rows.element_size() + sum(
                 t.numel() * t.element_size() for t in store.codec.state_dict().values())
@@ -164,7 +178,7 @@ def test_kivi_codes_shrink_the_bytes():
     ids = random_ids(200, model.config.vocab_size)
     sizes = {}
     for preset in ("full", "kivi-4", "kivi-2"):
-        cache = HCCache(model, HCConfig.preset(preset))
+        cache = HCCache(model, HCConfig.preset(preset, calibration="context", calibration_tokens=32))
         prefill(model, cache, ids)
         sizes[preset] = cache.stats().device_bytes + cache.stats().host_bytes
     assert sizes["kivi-4"] < sizes["full"] / 4 and sizes["kivi-2"] < sizes["kivi-4"] * 0.7

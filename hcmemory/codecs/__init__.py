@@ -1,9 +1,13 @@
-"""Key and value codecs behind one interface, and ``make_codec`` to build one from config names."""
+"""Key and value codecs behind one interface; ``make_codec`` builds one from config names and
+``codecs_for`` the three a layer of a given ``HCConfig`` uses."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..config import HCConfig
 from .base import Codec
 from .identity import IdentityCodec
 from .uniform import UniformCodec
@@ -11,27 +15,53 @@ from .vq import VQCodec
 
 CODEC_KINDS = ("none", "fp16", "bf16", "vq", "int8", "int4", "int2")
 
-__all__ = ["CODEC_KINDS", "Codec", "IdentityCodec", "UniformCodec", "VQCodec", "make_codec"]
+__all__ = ["CODEC_KINDS", "Codec", "IdentityCodec", "LayerCodecs", "UniformCodec", "VQCodec", "codecs_for",
+           "make_codec"]
 
 
 def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = None, subvector_dim: int = 4,
-               centroids: int = 4096, sharing: str = "layer", kmeans_iters: int = 12, axis: str = "token") -> Codec:
+               centroids: int = 4096, sharing: str = "layer", kmeans_iters: int = 12, axis: str = "token",
+               device: torch.device | str | None = None) -> Codec:
     """Build the codec a config names.
 
     ``none`` keeps rows in ``dtype`` (None: as given); ``fp16``/``bf16`` force that float type and
     ignore ``dtype``; ``vq`` uses the ``subvector_dim``/``centroids``/``sharing``/``kmeans_iters``
     knobs; ``int8/4/2`` quantize along ``axis`` (``token`` for values, ``channel`` for keys).
     Arguments a kind does not use are ignored, so callers can pass one set of knobs for every kind.
+    ``device`` is where the codec keeps its own tensors (codebooks, channel statistics).
     """
     if kind == "none":
-        return IdentityCodec(heads, dim, dtype=dtype)
+        return IdentityCodec(heads, dim, dtype=dtype, device=device)
     if kind == "fp16":
-        return IdentityCodec(heads, dim, dtype=torch.float16)
+        return IdentityCodec(heads, dim, dtype=torch.float16, device=device)
     if kind == "bf16":
-        return IdentityCodec(heads, dim, dtype=torch.bfloat16)
+        return IdentityCodec(heads, dim, dtype=torch.bfloat16, device=device)
     if kind == "vq":
         return VQCodec(heads, dim, subvector_dim=subvector_dim, centroids=centroids, sharing=sharing,
-                       kmeans_iters=kmeans_iters)
+                       kmeans_iters=kmeans_iters, device=device)
     if kind in ("int8", "int4", "int2"):
-        return UniformCodec(heads, dim, bits=int(kind[3:]), axis=axis)
+        return UniformCodec(heads, dim, bits=int(kind[3:]), axis=axis, device=device)
     raise ValueError(f"make_codec: kind={kind!r} is not valid; allowed values: {', '.join(map(repr, CODEC_KINDS))}")
+
+
+@dataclass
+class LayerCodecs:
+    """The codecs of one layer's stores: key codes next to the model, the exact key copy used for
+    re-scoring (None without re-scoring or without compressed keys), and values."""
+
+    keys: Codec
+    exact_keys: Codec | None
+    values: Codec
+
+
+def codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype, model_device: torch.device,
+               host: torch.device) -> LayerCodecs:
+    """The codecs a layer of ``config`` uses, each created where its rows will live."""
+    keys = make_codec(config.key_codec, heads, dim, dtype=dtype, subvector_dim=config.vq_subvector_dim,
+                      centroids=config.vq_centroids, sharing=config.vq_codebook, kmeans_iters=config.kmeans_iters,
+                      axis="channel", device=model_device)
+    exact = (make_codec(config.rescore_keys, heads, dim, dtype=dtype, axis="channel", device=host)
+             if config.compressed_keys and config.rescore else None)
+    values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token",
+                        device=host if config.value_placement == "host" else model_device)
+    return LayerCodecs(keys, exact, values)

@@ -23,9 +23,11 @@ class Codec(ABC):
     name: str = ""
     exact: bool = False
 
-    def __init__(self, heads: int, dim: int) -> None:
+    def __init__(self, heads: int, dim: int, device: torch.device | str | None = None) -> None:
         self.heads = heads
         self.dim = dim
+        self.device = torch.device(device or "cpu")
+        """Where the codec's own tensors (codebooks, channel statistics) live: next to its rows."""
 
     @property
     def needs_fit(self) -> bool:
@@ -33,7 +35,10 @@ class Codec(ABC):
         return False
 
     def fit(self, rows: torch.Tensor) -> None:
-        """Calibrate on sample rows ``(heads, n, dim)``; the default codec needs nothing."""
+        """Calibrate on sample rows ``(heads, n, dim)``; the default codec needs nothing.
+
+        Fitting replaces the codec's parameters, so it is done once, before any row is encoded:
+        codes made under other parameters would decode wrongly."""
 
     @abstractmethod
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ class Codec(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned (onto ``self.device``, wherever it was saved from)."""
 
     def nbytes(self) -> int:
         """Bytes of the codec's own tensors (codebooks etc.), counted next to the model."""

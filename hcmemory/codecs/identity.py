@@ -13,8 +13,9 @@ class IdentityCodec(Codec):
     name = "none"
     exact = True
 
-    def __init__(self, heads: int, dim: int, dtype: torch.dtype | None = None) -> None:
-        super().__init__(heads, dim)
+    def __init__(self, heads: int, dim: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(heads, dim, device)
         self.dtype = dtype
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:

@@ -70,17 +70,18 @@ class UniformCodec(Codec):
     calibrated min/max and clamping (no per-token parameters, narrower rows) was far worse
     (int8 2.8e-2), because heavy tails make calibrated ranges wide.
 
-    The channel statistics come from ``fit`` or, if it was never called, from the first rows
-    encoded (the context's first chunk), so ``needs_fit`` stays False and the codec works inside
-    any cache.  Calibration must not change once rows are encoded, so later ``fit`` calls on a
-    codec in use are the caller's responsibility.  Scale is floored at a tenth of the head's mean
+    The channel statistics come from ``fit`` (the cache fits key codecs on the shipped calibration
+    text or on the context's committed keys, like VQ codebooks); until then ``needs_fit`` is True
+    and ``encode`` refuses, because statistics taken from whatever chunk arrives first — a
+    two-token append, a question later rolled back — would be kept for good.  Scale is floored at a tenth of the head's mean
     scale so that a near-constant calibration channel cannot blow up later rows.
     """
 
     exact = False
 
-    def __init__(self, heads: int, dim: int, bits: int = 8, axis: str = "token", group_size: int | None = None) -> None:
-        super().__init__(heads, dim)
+    def __init__(self, heads: int, dim: int, bits: int = 8, axis: str = "token", group_size: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(heads, dim, device)
         if bits not in BITS:
             raise ValueError(f"UniformCodec: bits={bits!r} is not valid; allowed values: {', '.join(map(str, BITS))}")
         if axis not in AXES:
@@ -101,6 +102,10 @@ class UniformCodec(Codec):
         self._shift: torch.Tensor | None = None  # (heads, 1, dim) float32, channel axis only
         self._scale: torch.Tensor | None = None
 
+    @property
+    def needs_fit(self) -> bool:
+        return self.axis == "channel" and self._shift is None
+
     # --- channel calibration -----------------------------------------------------------------
     def fit(self, rows: torch.Tensor) -> None:
         """Channel axis: per-(head, channel) mean and (floored) standard deviation of ``rows``; token axis: nothing."""
@@ -114,7 +119,8 @@ class UniformCodec(Codec):
         scale = x.std(dim=1, keepdim=True, correction=0)
         floor = 0.1 * scale.mean(dim=-1, keepdim=True)
         scale = torch.maximum(scale, floor)
-        self._shift, self._scale = shift, torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self._shift, self._scale = shift.to(self.device), scale.to(self.device)
 
     # --- codes -------------------------------------------------------------------------------
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
@@ -123,8 +129,6 @@ class UniformCodec(Codec):
         heads, n, _ = rows.shape
         x = rows.float()
         if self.axis == "channel":
-            if self._shift is None:
-                self.fit(rows)
             shift, scale = self._channel_stats(x.device)
             x = (x - shift) / scale
         groups = x.reshape(heads, n, -1, self.group_size)
@@ -165,8 +169,8 @@ class UniformCodec(Codec):
             if key not in state or tuple(state[key].shape) != (self.heads, self.dim):
                 got = tuple(state[key].shape) if key in state else None
                 raise ValueError(f"UniformCodec: state {key!r} has shape {got}, expected {(self.heads, self.dim)}")
-        self._shift = state["shift"].detach().float().unsqueeze(1)
-        self._scale = state["scale"].detach().float().unsqueeze(1)
+        self._shift = state["shift"].detach().float().unsqueeze(1).to(self.device)
+        self._scale = state["scale"].detach().float().unsqueeze(1).to(self.device)
 
     # --- helpers -----------------------------------------------------------------------------
     def _check_rows(self, rows: torch.Tensor) -> None:
@@ -176,6 +180,6 @@ class UniformCodec(Codec):
 
     def _channel_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._shift is None or self._scale is None:
-            raise ValueError(f"UniformCodec: axis='channel' codes cannot be decoded before calibration "
-                             "(fit, load_state_dict or a first encode)")
+            raise ValueError("UniformCodec: axis='channel' needs its channel statistics before encoding or decoding; "
+                             "call fit(rows) or load_state_dict(state) first")
         return self._shift.to(device), self._scale.to(device)

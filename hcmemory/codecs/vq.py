@@ -41,8 +41,8 @@ class VQCodec(Codec):
     exact = False
 
     def __init__(self, heads: int, dim: int, subvector_dim: int = 4, centroids: int = 4096,
-                 sharing: str = "layer", kmeans_iters: int = 12) -> None:
-        super().__init__(heads, dim)
+                 sharing: str = "layer", kmeans_iters: int = 12, device: torch.device | str | None = None) -> None:
+        super().__init__(heads, dim, device)
         if not isinstance(subvector_dim, int) or subvector_dim < 1 or dim % subvector_dim:
             raise ValueError(f"VQCodec: subvector_dim={subvector_dim!r} must be a positive int dividing dim={dim}")
         if not isinstance(centroids, int) or not 2 <= centroids <= 65536:
@@ -97,7 +97,7 @@ class VQCodec(Codec):
             gen = torch.Generator(device="cpu").manual_seed(0)
             keep = torch.randperm(points.shape[1], generator=gen)[:cap].to(points.device)
             points = points[:, keep]
-        self._codebook, self._book32 = kmeans(points, self.centroids, self.kmeans_iters).half(), None
+        self._codebook, self._book32 = kmeans(points, self.centroids, self.kmeans_iters).half().to(self.device), None
 
     # --- codes -------------------------------------------------------------------------------
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ class VQCodec(Codec):
             raise ValueError(f"VQCodec: state 'codebook' has shape {got}, expected {expected} "
                              f"(sharing={self.sharing!r}, centroids={self.centroids}, "
                              f"subvector_dim={self.subvector_dim})")
-        self._codebook, self._book32 = book.detach().half().contiguous(), None
+        self._codebook, self._book32 = book.detach().half().contiguous().to(self.device), None
 
     # --- helpers -----------------------------------------------------------------------------
     def _check_rows(self, rows: torch.Tensor) -> None:

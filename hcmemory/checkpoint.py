@@ -1,0 +1,219 @@
+"""The checkpoint format: one context's state as a JSON header plus named tensors.
+
+``ContextState`` is what ``HCContext.to_state()`` hands over (copies taken under the context's
+lock) and what ``HCContext.from_state()`` rebuilds from.  This module turns it into a header and
+back, and owns every check that can be made without building a cache: the format version, the
+model and tokenizer fingerprints (checked before any tensor is read), the header's types, and its
+consistency (token ids vs tokens seen in every layer, prefilled counts).  The cache then checks
+the tensors against the configuration (``HCLayer.load_state``); a checkpoint that loads is
+consistent, not just intact.  Both stores use it: ``store.ContextStore`` (many contexts in SQLite)
+and the one-file layout below (safetensors with the header in its metadata).
+
+No pickle anywhere: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .config import HCConfig
+from .files import atomic_path
+from .models import model_fingerprint, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+"""Bumped whenever the stored layout changes; a reader refuses other versions instead of filling
+what an older header lacks with today's defaults.  2: complete configs, per-layer ``calibrated``,
+``exact_keys`` (was ``host_keys``)."""
+_FILE_METADATA_KEY = "hcmemory"
+_LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as stored: damaged, inconsistent, or from another format version."""
+
+
+@dataclass
+class ContextState:
+    """Everything a context is, detached from live buffers."""
+
+    context_id: str
+    config: HCConfig
+    token_ids: list[int]
+    tokens_prefilled: int
+    turn_open: bool
+    layers: list[dict[str, Any]]
+    """Per-layer counters from ``HCLayer.state``."""
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    model_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""
+    model_name: str = ""
+
+    def header(self, tag: str, checkpoint_id: str) -> dict[str, Any]:
+        """The JSON header, without the tensor manifest (each layout adds its own)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "checkpoint_id": checkpoint_id,
+            "context_id": self.context_id,
+            "tag": tag,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "model_name": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "config": self.config.to_dict(),
+            "token_ids": list(self.token_ids),
+            "tokens_prefilled": self.tokens_prefilled,
+            "turn_open": self.turn_open,
+            "layers": [dict(meta) for meta in self.layers],
+        }
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> "ContextState":
+        """Rebuild from a header already accepted by ``check_compatible``; raises ``CheckpointError``
+        when its fields have the wrong types or contradict each other."""
+        try:
+            config = HCConfig.from_dict(header["config"], complete=True)
+            token_ids, layers = header["token_ids"], header["layers"]
+            _require(isinstance(header["context_id"], str) and header["context_id"], "context_id is not a string")
+            _require(isinstance(token_ids, list) and all(_is_int(t) and t >= 0 for t in token_ids),
+                     "token_ids is not a list of non-negative ints")
+            _require(isinstance(layers, list) and layers and all(
+                isinstance(m, dict) and set(m) == _LAYER_KEYS for m in layers), "per-layer counters are malformed")
+            seen = {m["seen"] for m in layers}
+            _require(seen == {len(token_ids)}, f"layers have seen {sorted(map(str, seen))} tokens but "
+                                               f"{len(token_ids)} token ids are stored")
+            prefilled = header["tokens_prefilled"]
+            _require(_is_int(prefilled) and 0 <= prefilled <= len(token_ids),
+                     f"tokens_prefilled={prefilled!r} does not fit {len(token_ids)} tokens")
+            _require(isinstance(header["turn_open"], bool), "turn_open is not a bool")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: the checkpoint header is inconsistent ({exc}); restore it from a "
+                                  "backup or save the context again") from exc
+        return cls(header["context_id"], config, token_ids, prefilled, header["turn_open"], layers, tensors,
+                   header["model_fingerprint"], header["tokenizer_fingerprint"], header.get("model_name", ""))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(problem)
+
+
+def fingerprints(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    return model_fingerprint(model), tokenizer_fingerprint(tokenizer)
+
+
+def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuse a checkpoint of another format version or made with another model or tokenizer.
+
+    Runs before any tensor is read, so a wrong model costs one header read, not a full load.
+    """
+    if not isinstance(header, dict) or not _is_int(header.get("format_version")):
+        raise CheckpointError(f"{where}: the checkpoint header is damaged (no format_version); "
+                              "restore it from a backup or save the context again")
+    version = header["format_version"]
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: checkpoint format version {version} is newer than this hcmemory "
+                              f"supports ({FORMAT_VERSION}); upgrade hcmemory to load it")
+    if version < FORMAT_VERSION:
+        raise CheckpointError(f"{where}: checkpoint format version {version} is older than this hcmemory reads "
+                              f"({FORMAT_VERSION}); load it with the hcmemory release that wrote it and rebuild the "
+                              "context, or re-append its text")
+    model_fp, tokenizer_fp = fingerprints(model, tokenizer)
+    if header.get("model_fingerprint") != model_fp:
+        raise ValueError(f"{where}: checkpoint was made with model {header.get('model_name')!r} "
+                         f"(fingerprint {str(header.get('model_fingerprint'))[:12]}…), not the model given "
+                         f"(fingerprint {model_fp[:12]}…); load it with that model")
+    if header.get("tokenizer_fingerprint") != tokenizer_fp:
+        raise ValueError(f"{where}: checkpoint was made with a different tokenizer than the one given "
+                         f"(fingerprint {str(header.get('tokenizer_fingerprint'))[:12]}… vs {tokenizer_fp[:12]}…); "
+                         "load it with the tokenizer of the model it was made with")
+
+
+def inconsistent(where: str, exc: Exception) -> CheckpointError:
+    """The error for tensors that do not fit their header or the configuration."""
+    return CheckpointError(f"{where}: the checkpoint does not fit its own header ({exc}); "
+                           "restore it from a backup or save the context again")
+
+
+def sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------------------------
+# One context in one file
+# --------------------------------------------------------------------------------------------
+
+
+def write_file(state: ContextState, path: str | os.PathLike[str], checkpoint_id: str) -> None:
+    """Write ``state`` to one safetensors file, atomically (a crash leaves the old file or none).
+
+    The JSON header goes into the safetensors metadata; each tensor's sha256 is in it too,
+    because safetensors itself checks structure but not content.
+    """
+    started = time.perf_counter()
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.tensors.items()}
+    header = state.header("latest", checkpoint_id)
+    header["tensors"] = {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha256(tensor_bytes(t))}
+                         for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={_FILE_METADATA_KEY: json.dumps(header)})
+    log.info("saved context %r to %s: %.1f MB in %.2f s", state.context_id, path, Path(path).stat().st_size / 1e6,
+             time.perf_counter() - started)
+
+
+def read_file(path: str | os.PathLike[str], model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+              ) -> ContextState:
+    """The state ``write_file`` wrote, checked for integrity and header consistency."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path, not {type(path).__name__}")
+    path = Path(path)
+    where = str(path)
+    if path.is_dir():
+        raise ValueError(f"{where} is a directory; pass the checkpoint file that HCContext.save wrote")
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: no such checkpoint file")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(_FILE_METADATA_KEY)
+            if raw is None:
+                raise CheckpointError(f"{where}: a safetensors file, but not an hcmemory checkpoint")
+            header = json.loads(raw)
+            check_compatible(header, model, tokenizer, where)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (safetensors.SafetensorError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: the checkpoint file is damaged or truncated ({exc}); "
+                              "restore it from a backup or save the context again") from exc
+    manifest = header.get("tensors")
+    if not isinstance(manifest, dict) or set(manifest) != set(tensors):
+        raise CheckpointError(f"{where}: the file's tensors do not match its header")
+    for name, tensor in tensors.items():
+        if sha256(tensor_bytes(tensor)) != manifest[name].get("sha256"):
+            raise CheckpointError(f"{where}: tensor {name!r} is corrupted (sha256 mismatch); "
+                                  "restore it from a backup or save the context again")
+    return ContextState.from_header(header, tensors, where)

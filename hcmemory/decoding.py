@@ -1,0 +1,102 @@
+"""The decode loop: sample a token, feed it to the live cache, yield the text that formed.
+
+Text is yielded as soon as it is stable (no half-decoded UTF-8 character at its end) and cut at
+the first stop string, which may span several tokens.  The ids fed to the cache are the
+generator's return value, so a caller that commits the turn knows exactly what the state holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
+
+from .glue import cache_kwarg
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick the next tokens; validated where a user passes it."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise TypeError(f"max_new_tokens must be an int, not {type(self.max_new_tokens).__name__}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
+            raise TypeError(f"temperature must be a number, not {type(self.temperature).__name__}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise TypeError(f"seed must be an int or None, not {type(self.seed).__name__}")
+
+    @classmethod
+    def of(cls, max_new_tokens: int, temperature: float, stop: Sequence[str] | None, seed: int | None = None
+           ) -> "Sampling":
+        return cls(max_new_tokens, temperature, stop_strings(stop), seed)
+
+
+def stop_strings(stop: Sequence[str] | None) -> tuple[str, ...]:
+    """``stop`` as a tuple of non-empty strings; a bare string is refused rather than split into characters."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        raise TypeError(f"stop must be a list of strings, e.g. stop=[{stop!r}], not a plain string")
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop must be a list of strings, not {stop!r}")
+    if any(s == "" for s in stop):
+        raise ValueError("stop contains an empty string, which would stop before the first token; remove it")
+    return tuple(stop)
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Cache, logits: torch.Tensor,
+           sampling: Sampling) -> Iterator[str]:
+    """Decode into ``cache`` from ``logits`` (the last prompt position's), yielding new text.
+
+    Returns the ids fed to the cache, ending with the end-of-turn token when the model produced
+    one (fed too, so a committed turn is closed the way the chat format expects).
+    """
+    stop_ids = stop_token_ids(model, tokenizer)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    device = next(model.parameters()).device
+    generated: list[int] = []
+    emitted = ""
+    for _ in range(sampling.max_new_tokens):
+        if sampling.temperature == 0:
+            token = int(logits.argmax(-1))
+        else:
+            probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        generated.append(token)
+        logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
+                       **cache_kwarg(model, cache)).logits[:, -1]
+        if token in stop_ids:
+            break
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        hit = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            if hit > len(emitted):
+                yield text[len(emitted):hit]
+            break
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            yield text[len(emitted):]
+            emitted = text
+    return generated

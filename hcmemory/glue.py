@@ -1,0 +1,135 @@
+"""What transformers needs to run a model on an HCCache: the registered attention function, the
+verified hand-off of a layer from ``cache.update`` to that function, and the one helper that
+passes a cache to ``forward`` / ``generate`` under the argument name the installed version uses.
+
+**The hand-off.**  transformers calls ``cache.update(...)`` and then the attention function; the
+attention function is not given the cache.  Since 5.2x, ``update`` receives the attention
+module's forward kwargs (``kwargs=``), the same dict that is then splatted into the attention
+call, so the layer travels inside it (``hc_layer``).  Older versions get the layer through a
+thread-local.  Either way the pairing is verified: the key tensor the attention function receives
+must be the one ``update`` returned for that layer, otherwise the call raises instead of
+attending over the wrong rows.  ``HCCache.update`` also refuses to run when the model's attention
+implementation is not ``hcattention``: another function would attend over the current chunk only.
+
+Private transformers names this package relies on, and why (checked by the test suite on 5.2
+and on the newest 5.x):
+
+* ``config._attn_implementation`` — the only way to read which attention function a model runs
+  (``set_attn_implementation`` is public, reading it back is not);
+* ``transformers.masking_utils.sdpa_mask`` — the mask builder registered for ``hcattention``
+  (transformers requires one per attention name; the mask itself is not used, see ``attention.py``);
+* ``DynamicCache.layers[i].keys`` — post-RoPE keys of the calibration pass (``calibration.py``);
+* ``model.hf_quantizer`` — cleared after de-quantizing the GGUF so ``save_pretrained`` writes
+  plain weights (``models/gguf.py``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+import weakref
+from typing import Any, Protocol
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import LayerView, attend
+
+ATTN_IMPLEMENTATION = "hcattention"
+_KWARG = "hc_layer"
+
+_pending = threading.local()
+
+
+class HandedLayer(LayerView, Protocol):
+    """A layer that can be handed to the attention function (``layer.HCLayer``)."""
+
+    index: int
+
+    def returned_keys(self) -> torch.Tensor | None: ...
+    def after_attention(self, window: int | None) -> None: ...
+
+
+def hand_off(layer: HandedLayer, forward_kwargs: dict[str, Any] | None) -> None:
+    """Called by ``HCLayer.update``: make ``layer`` the one the next attention call reads."""
+    if isinstance(forward_kwargs, dict):
+        forward_kwargs[_KWARG] = layer
+    _pending.layer = layer
+
+
+def _claim(kwargs: dict[str, Any], key: torch.Tensor, module: torch.nn.Module) -> HandedLayer | None:
+    """The HCCache layer this attention call belongs to, or None for a call on another cache."""
+    handed = kwargs.pop(_KWARG, None)
+    pending = getattr(_pending, "layer", None)
+    _pending.layer = None
+    layer = handed if handed is not None else pending
+    if layer is None:
+        return None
+    returned = layer.returned_keys()
+    if returned is key:
+        return layer
+    if handed is None and returned is None:
+        return None  # a stale hand-off (its forward died before attention ran); this call is not ours
+    raise RuntimeError(
+        f"hcattention: layer {getattr(module, 'layer_idx', '?')} received keys that are not the ones HCCache "
+        f"layer {layer.index} returned from update(); the model changed the keys between the cache update and "
+        "attention (unsupported), or an HCCache forward was interrupted and its keys are still referenced. "
+        "Refusing to attend over the wrong rows."
+    )
+
+
+def hc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The registered attention function: HCAttention for HCCache layers, SDPA for anything else."""
+    layer = _claim(kwargs, key, module)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    window = kwargs.get("sliding_window")
+    out = attend(layer, query, scaling, window)
+    layer.after_attention(window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``hcattention`` (and its mask builder) with transformers; idempotent.
+
+    The mask builder is SDPA's: HCCache reports mask sizes covering only the current chunk, so
+    the mask transformers builds is small; ``attention.py`` derives visibility from positions.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hc_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def use_hcattention(model: torch.nn.Module) -> None:
+    """Switch ``model`` to ``hcattention`` (SDPA for every call that is not on an HCCache)."""
+    register()
+    if attention_implementation(model.config) != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def attention_implementation(config: Any) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
+def cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` where ``forward``/``generate`` take ``cache=`` (transformers >= 5.2x, where
+    ``past_key_values=`` is deprecated), else ``{"past_key_values": cache}``."""
+    return {_cache_argument(type(model)): cache}
+
+
+_ARGUMENT_NAMES: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
+
+
+def _cache_argument(model_class: type) -> str:
+    name = _ARGUMENT_NAMES.get(model_class)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+        _ARGUMENT_NAMES[model_class] = name
+    return name

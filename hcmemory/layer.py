@@ -1,0 +1,437 @@
+"""HCLayer: one transformer layer's KV state, as rows of a few stores.
+
+* key codes next to the model (the codec decides: full keys, VQ indices, packed ints);
+* when keys are compressed and re-scored, an exact copy of the keys on the host, read only for
+  the rows a step selects and for the exact window (without re-scoring, as in the paper and
+  KIVI, there is no exact copy and every score comes from the codes);
+* values, on the host or next to the model;
+* each row's absolute position, and its cumulative attention mass when a policy needs it.
+
+Two lengths are kept apart: ``seen`` (tokens ever appended, which gives positions and is what
+``get_seq_length`` reports to transformers) and ``len(layer)`` (rows kept, which attention spans).
+
+Every change is all or nothing.  ``update`` encodes every store's rows before it writes any of
+them.  A transaction (``begin`` / ``commit`` / ``rollback``) records what eviction drops of the
+rows that existed when it began, so a rollback rebuilds the state exactly even though budgets and
+sliding windows are enforced after every step, inside long appends too; the log holds at most the
+rows the layer had at the start, so a bounded layer stays bounded.
+
+Key codecs that need fitting (VQ codebooks, per-channel int statistics) are fitted before the
+layer holds any code: from the shipped calibration text (``load_codec_states``), or, with
+``calibration="context"``, on the layer's own committed keys once ``calibration_tokens`` have
+arrived — until then keys are kept exact, and nothing a rolled-back question brought in is
+ever fitted on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .codecs import IdentityCodec, LayerCodecs, VQCodec, codecs_for
+from .config import HCConfig
+from .eviction import EvictionPolicy, make_policy, rows_to_keep
+from .glue import hand_off
+from .rows import CodedRows, RowBuffer
+
+HOST = torch.device("cpu")
+
+
+@dataclass
+class _Transaction:
+    rows: int
+    seen: int
+    counters: tuple[int, int, int]
+    mass: RowBuffer | None
+    dropped: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Rows that existed at ``begin`` and were evicted since, per store (positions included)."""
+
+
+class HCLayer(CacheLayerMixin):
+    """One transformer layer's KV state (see the module docstring for what it holds)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, config: HCConfig, heads: int, dim: int, device: torch.device, dtype: torch.dtype,
+                 index: int = 0) -> None:
+        super().__init__()
+        self.config, self.heads, self.dim, self.index = config, heads, dim, index
+        self.device, self.dtype = torch.device(device), dtype
+        """Where the model runs: key codes (and values with ``value_placement="device"``) live there."""
+        self.value_device = HOST if config.value_placement == "host" else self.device
+        self.policy: EvictionPolicy | None = make_policy(config.eviction)
+        self.observes_attention = self.policy is not None and self.policy.uses_attention
+        self.is_initialized = True
+        self._returned: weakref.ref[torch.Tensor] | None = None
+        self._txn: _Transaction | None = None
+        self._reset_stores(self._fresh_codecs())
+
+    def _fresh_codecs(self) -> LayerCodecs:
+        return codecs_for(self.config, self.heads, self.dim, self.dtype, self.device, HOST)
+
+    def _reset_stores(self, codecs: LayerCodecs) -> None:
+        """Empty stores for ``codecs``; key codes start exact when the codecs still need fitting."""
+        growth = self.config.store_growth
+        self.codecs = codecs
+        self.calibrated = not any(c is not None and c.needs_fit for c in (codecs.keys, codecs.exact_keys))
+        key_codec = codecs.keys if self.calibrated else IdentityCodec(self.heads, self.dim, device=self.device)
+        self.key_codes = CodedRows(key_codec, self.device, growth)
+        self.exact_keys = (CodedRows(codecs.exact_keys, HOST, growth)
+                           if self.calibrated and codecs.exact_keys is not None else None)
+        self.values = CodedRows(codecs.values, self.value_device, growth)
+        self.positions = RowBuffer(1, (), torch.int64, HOST, growth)
+        self.mass = RowBuffer(self.heads, (), torch.float32, self.value_device, growth) \
+            if self.observes_attention else None
+        self.seen = self.selected_rows = self.selectable_rows = self.last_selected = 0
+
+    # --- what the state is -------------------------------------------------------------------
+    @property
+    def compressed(self) -> bool:
+        """Whether rows outside the exact window are read through approximate codes."""
+        return self.calibrated and self.config.compressed_keys
+
+    @property
+    def needs_explicit_attention(self) -> bool:
+        return self.compressed or self.observes_attention
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def _stores(self) -> dict[str, CodedRows | RowBuffer]:
+        """Every store that holds one row per kept token (``mass`` is restored separately on rollback)."""
+        stores: dict[str, CodedRows | RowBuffer] = {"key_codes": self.key_codes, "values": self.values,
+                                                    "positions": self.positions}
+        if self.exact_keys is not None:
+            stores["exact_keys"] = self.exact_keys
+        return stores
+
+    def _all_stores(self) -> dict[str, CodedRows | RowBuffer]:
+        return {**self._stores(), **({"mass": self.mass} if self.mass is not None else {})}
+
+    # --- transformers' layer interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Stores are built eagerly from the model config; nothing to do lazily."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the chunk's post-RoPE keys and values, all stores or none; attention then reads
+        them from the stores (the returned tensors are the chunk's own, for the verified hand-off)."""
+        if key_states.dim() != 4 or key_states.shape[0] != 1:
+            raise ValueError("HCCache holds one sequence; use one cache per conversation (batch size 1)")
+        if key_states.shape[1] != self.heads or key_states.shape[3] != self.dim:
+            raise ValueError(f"keys of shape {tuple(key_states.shape)} do not fit this layer "
+                             f"({self.heads} KV heads of {self.dim} dims): the cache was built for another model")
+        if not self.calibrated and self.config.calibration == "shipped":
+            raise RuntimeError(f"layer {self.index}: the key codecs of key_codec={self.config.key_codec!r} are not "
+                               "calibrated; build the cache with HCCache.for_model(model, config, tokenizer), which "
+                               "loads or fits them, or use calibration='context'")
+        keys, values = key_states[0], value_states[0]
+        n = keys.shape[1]
+        pending: list[tuple[CodedRows | RowBuffer, torch.Tensor]] = [
+            (self.key_codes, self.key_codes.encode(keys)), (self.values, self.values.encode(values)),
+            (self.positions, torch.arange(self.seen, self.seen + n, dtype=torch.int64)[None])]
+        if self.exact_keys is not None:
+            pending.append((self.exact_keys, self.exact_keys.encode(keys)))
+        if self.mass is not None:
+            pending.append((self.mass, torch.zeros(self.heads, n)))
+        rows = len(self)
+        try:
+            for store, codes in pending:  # the allocations: the only step that can fail
+                store.reserve(codes) if isinstance(store, CodedRows) else store.reserve(n)
+            for store, codes in pending:
+                store.append_codes(codes) if isinstance(store, CodedRows) else store.append(codes)
+        except BaseException:
+            for store, _ in pending:
+                store.truncate(rows)
+            raise
+        self.seen += n
+        if self._txn is None:
+            self.calibrate_if_ready()
+        self._returned = weakref.ref(key_states)
+        hand_off(self, kwargs.get("kwargs"))
+        return key_states, value_states
+
+    def returned_keys(self) -> torch.Tensor | None:
+        """The key tensor the last ``update`` returned, while it is alive (the hand-off check)."""
+        return None if self._returned is None else self._returned()
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, *args: Any) -> tuple[int, int]:
+        """Only the chunk's own causal triangle: ``attention.py`` computes visibility from positions."""
+        return query_length_of(query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length
+    """transformers 5.2 (the kvpress environment) declares the layer method under this name."""
+
+    def reset(self) -> None:
+        """Forget every row; context-calibrated codecs are forgotten too (they describe the old keys)."""
+        self._require_no_transaction("reset")
+        self._reset_stores(self._fresh_codecs() if self.config.calibration == "context" else self.codecs)
+
+    # --- what attention reads (``attention.LayerView``) -------------------------------------------
+    def exact_window(self, old: int) -> tuple[int, int]:
+        """``(sink_end, recent_start)`` over the ``old`` rows before the current chunk; rows in
+        between are the compressed part (none when keys are exact)."""
+        if not self.compressed:
+            return old, old
+        sink_end = min(self.config.sink_tokens, old)
+        return sink_end, max(sink_end, old - self.config.recent_tokens)
+
+    def _exact_key_store(self) -> CodedRows:
+        return self.key_codes if self.exact_keys is None else self.exact_keys
+
+    def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact keys and values of rows ``[start, stop)``, where the values live."""
+        keys = self._exact_key_store().decoded(start, stop)
+        return keys.to(self.value_device), self.values.decoded(start, stop)
+
+    def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Approximate ``q·k`` for rows ``[start, stop)`` from the codes, next to the model."""
+        return self.key_codes.codec.score(queries.to(self.device, torch.float32), self.key_codes.codes(start, stop))
+
+    def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self._exact_key_store().gather_decoded(index).to(self.value_device)
+
+    def values_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self.values.gather_decoded(index)
+
+    def record_selection(self, selected: int, selectable: int) -> None:
+        self.selected_rows += selected
+        self.selectable_rows += selectable
+        self.last_selected = selected
+
+    def observe(self, step_mass: torch.Tensor, queries: int) -> None:
+        self.policy.accumulate(self.mass.writable(), step_mass, queries)
+
+    # --- after each step: sliding window and budget ------------------------------------------
+    def after_attention(self, window: int | None) -> None:
+        """Drop rows no later query can see (outside the model's sliding window), then evict
+        down to the budget.  Runs inside transactions too: rollback restores what it drops."""
+        if window is not None and len(self):
+            positions = self.positions.view()[0]
+            if int(positions[0]) <= self.seen - window:  # the next query sits at position `seen`
+                self._keep((positions > self.seen - window).nonzero().flatten())
+        self._evict_if_needed()
+
+    def budget_rows(self) -> int | None:
+        budget = self.config.budget
+        if budget is None:
+            return None
+        rows = budget if isinstance(budget, int) else math.ceil(budget * self.seen)
+        return max(rows, self.config.sink_tokens + self.config.recent_tokens + 1)
+
+    def _evict_if_needed(self) -> None:
+        """Drop rows beyond the budget; amortized by a small slack so compaction is not per step."""
+        budget = self.budget_rows()
+        if budget is None or len(self) <= budget + min(64, budget // 8):
+            return
+        mass = self.mass.view() if self.mass is not None else torch.zeros(self.heads, len(self))
+        score = self.policy.score(mass, self.positions.view()[0]).to(HOST)
+        sinks = self.config.sink_tokens if self.policy.keeps_sinks else 0
+        self._keep(rows_to_keep(score, budget, sinks, self.config.recent_tokens))
+
+    def _keep(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (ascending) of every store, logging for rollback what an open
+        transaction will need back."""
+        txn = self._txn
+        if txn is not None:
+            dropped = torch.ones(len(self), dtype=torch.bool)
+            dropped[index.to(HOST)] = False
+            dropped &= self.positions.view()[0] < txn.seen
+            if bool(dropped.any()):
+                rows = dropped.nonzero().flatten()
+                txn.dropped.append({name: store.take(rows) for name, store in self._stores().items()})
+        for store in self._all_stores().values():
+            store.keep(index)
+
+    # --- transactions ------------------------------------------------------------------------
+    def begin(self) -> None:
+        self._require_no_transaction("begin a transaction")
+        self._txn = _Transaction(len(self), self.seen, (self.selected_rows, self.selectable_rows, self.last_selected),
+                                 None if self.mass is None else self.mass.fork())
+
+    def commit(self) -> None:
+        self._txn = None
+        self.calibrate_if_ready()
+
+    def rollback(self) -> None:
+        """Restore the state ``begin`` saw, rows evicted since included, exactly."""
+        txn, self._txn = self._txn, None
+        if txn is None:
+            return
+        if not txn.dropped:
+            for store in self._stores().values():
+                store.truncate(txn.rows)
+        else:  # merge the surviving old rows with the evicted ones, back in position order
+            survivors = int((self.positions.view()[0] < txn.seen).sum())
+            kept = torch.arange(survivors)
+            merged = {name: torch.cat([store.take(kept)] + [d[name] for d in txn.dropped], dim=1)
+                      for name, store in self._stores().items()}
+            order = merged["positions"][0].argsort()
+            for name, store in self._stores().items():
+                store.replace(merged[name][:, order])
+        if txn.mass is not None:
+            self.mass = txn.mass
+        self.seen = txn.seen
+        self.selected_rows, self.selectable_rows, self.last_selected = txn.counters
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._txn is not None
+
+    def _require_no_transaction(self, what: str) -> None:
+        if self._txn is not None:
+            raise RuntimeError(f"cannot {what} while a transaction is open on this cache; finish it first")
+
+    # --- calibration -------------------------------------------------------------------------
+    def load_codec_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Fitted codec tensors (``{"keys": ..., "exact_keys": ...}``) for an empty layer."""
+        if len(self):
+            raise RuntimeError("codec states can only be loaded into an empty layer")
+        codecs = self._fresh_codecs()
+        for name in ("keys", "exact_keys"):
+            codec = getattr(codecs, name)
+            if codec is not None and codec.needs_fit:
+                codec.load_state_dict(states.get(name, {}))
+        self._reset_stores(codecs)
+
+    def calibrate_if_ready(self) -> None:
+        """``calibration="context"``: fit the key codecs on this layer's committed keys once enough
+        tokens have arrived, and re-encode the rows kept so far with them."""
+        if self.calibrated or self.config.calibration != "context" or self.seen < self.config.calibration_tokens:
+            return
+        keys = self.key_codes.decoded()  # still exact: identity codes
+        codecs = self._fresh_codecs()  # never the codecs a fork may share
+        for codec in (codecs.keys, codecs.exact_keys):
+            if codec is not None and codec.needs_fit:
+                codec.fit(keys.float())
+        key_codes = CodedRows(codecs.keys, self.device, self.config.store_growth)
+        key_codes.append(keys)
+        exact = None
+        if codecs.exact_keys is not None:
+            exact = CodedRows(codecs.exact_keys, HOST, self.config.store_growth)
+            exact.append(keys)
+        self.codecs, self.key_codes, self.exact_keys, self.calibrated = codecs, key_codes, exact, True
+
+    # --- branching ---------------------------------------------------------------------------
+    def fork(self) -> "HCLayer":
+        """A branch sharing every store copy-on-write."""
+        self._require_no_transaction("fork")
+        twin = copy.copy(self)
+        for name, store in self._all_stores().items():
+            setattr(twin, name, store.fork())
+        twin._returned = None
+        return twin
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Copies of everything this layer holds (row tensors, fitted codec tensors) and its counters.
+
+        Copies, not views: a checkpoint is written after the caller's lock is released."""
+        self._require_no_transaction("save")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, store in self._all_stores().items():
+            if len(store):
+                tensors[f"rows.{name}"] = (store.codes() if isinstance(store, CodedRows) else store.view()).clone()
+        if self.calibrated:
+            for name in ("keys", "exact_keys"):
+                codec = getattr(self.codecs, name)
+                for key, value in ({} if codec is None else codec.state_dict()).items():
+                    tensors[f"codec.{name}.{key}"] = value.clone()
+        meta = {"seen": self.seen, "selected_rows": self.selected_rows, "selectable_rows": self.selectable_rows,
+                "calibrated": self.calibrated}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of ``state`` on a fresh layer of the same configuration; raises ``ValueError``
+        naming the first thing that does not fit (a state that loads is consistent, not just intact)."""
+        if len(self) or self.seen:
+            raise RuntimeError("load_state needs a fresh layer")
+        ints = ("seen", "selected_rows", "selectable_rows")
+        if set(meta) != {*ints, "calibrated"}:
+            raise ValueError(f"layer {self.index}: counters {sorted(meta)} are not those of this format")
+        if any(not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0 for k in ints) \
+                or not isinstance(meta["calibrated"], bool) or meta["selected_rows"] > meta["selectable_rows"]:
+            raise ValueError(f"layer {self.index}: invalid counters {meta}")
+        needs_fit = not self.calibrated
+        if meta["calibrated"] and needs_fit:
+            self.load_codec_states({name: {k.split(".", 2)[2]: v for k, v in tensors.items()
+                                           if k.startswith(f"codec.{name}.")} for name in ("keys", "exact_keys")})
+        elif not meta["calibrated"] and (not needs_fit or self.config.calibration != "context"):
+            raise ValueError(f"layer {self.index}: stored as not calibrated, which key_codec="
+                             f"{self.config.key_codec!r} with calibration={self.config.calibration!r} never is")
+        expected = {f"rows.{name}" for name, store in self._all_stores().items()}
+        if self.calibrated and needs_fit:
+            expected |= {f"codec.{name}.{key}" for name in ("keys", "exact_keys")
+                         for key in (getattr(self.codecs, name).state_dict() if getattr(self.codecs, name) else {})}
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise ValueError(f"layer {self.index}: unexpected tensors {unexpected}")
+        rows = {name: tensors.get(f"rows.{name}") for name in self._all_stores()}
+        counts = {name: 0 if t is None else (t.shape[1] if t.dim() >= 2 else -1) for name, t in rows.items()}
+        n = counts["values"]
+        if set(counts.values()) != {n} or n > meta["seen"]:
+            raise ValueError(f"layer {self.index}: stores hold {counts} rows with {meta['seen']} tokens seen")
+        for name, store in self._all_stores().items():
+            if rows[name] is not None:
+                self._check_rows(name, store, rows[name], meta["seen"])
+        for name, store in self._all_stores().items():
+            if rows[name] is not None:
+                store.append_codes(rows[name]) if isinstance(store, CodedRows) else store.append(rows[name])
+        self.seen, self.selected_rows, self.selectable_rows = meta["seen"], meta["selected_rows"], meta["selectable_rows"]
+
+    def _check_rows(self, name: str, store: CodedRows | RowBuffer, rows: torch.Tensor, seen: int) -> None:
+        if isinstance(store, CodedRows):
+            probe = store.codec.encode(torch.zeros(self.heads, 1, self.dim, dtype=self.dtype, device=store.device))
+            dtype, shape = probe.dtype, (self.heads, *probe.shape[2:])
+        else:
+            dtype, shape = store.dtype, (store.heads, *store.row_shape)
+        if rows.dtype != dtype or (rows.shape[0], *rows.shape[2:]) != shape:
+            raise ValueError(f"layer {self.index}: {name} rows are {rows.dtype} {tuple(rows.shape)}, this configuration "
+                             f"stores {dtype} rows of shape {shape}")
+        if name == "positions":
+            positions = rows[0]
+            if len(positions) and (int(positions[0]) < 0 or int(positions[-1]) >= seen
+                                   or not bool((positions[1:] > positions[:-1]).all())):
+                raise ValueError(f"layer {self.index}: row positions are not increasing within [0, seen)")
+        if isinstance(store, CodedRows) and isinstance(store.codec, VQCodec) and rows.numel():
+            if int(VQCodec._indices(rows).max()) >= store.codec.centroids:
+                raise ValueError(f"layer {self.index}: {name} holds codes beyond the codebook's "
+                                 f"{store.codec.centroids} centroids")
+        if name == "mass" and not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"layer {self.index}: attention mass holds non-finite values")
+
+    # --- bytes -------------------------------------------------------------------------------
+    def device_bytes(self, reserved: bool = False) -> int:
+        """Next to the model: key codes and codebooks, and values when placed there."""
+        total = self.key_codes.reserved_bytes() if reserved else self.key_codes.nbytes()
+        if self.config.value_placement == "device":
+            total += self.values.reserved_bytes() if reserved else self.values.nbytes()
+        return total
+
+    def host_bytes(self, reserved: bool = False) -> int:
+        """Host memory: the exact key copy, values when offloaded, and (reserved only) bookkeeping."""
+        stores: list[CodedRows | RowBuffer] = [s for s in (self.exact_keys,) if s is not None]
+        if self.config.value_placement == "host":
+            stores.append(self.values)
+        if reserved:
+            stores += [self.positions] + ([self.mass] if self.mass is not None else [])
+        return sum(s.reserved_bytes() if reserved else s.nbytes() for s in stores)
+
+
+def query_length_of(query_length: int | torch.Tensor) -> int:
+    # transformers 5.2 passes cache_position (a tensor of the chunk's positions); later versions an int
+    return int(query_length.shape[0]) if isinstance(query_length, torch.Tensor) else int(query_length)
