@@ -30,7 +30,7 @@ def measure(cache_name: str, tokens: int) -> dict:
     if cache_name == "dynamic":
         cache = DynamicCache(config=model.config)
     else:
-        cache = HCCache(model, HCConfig.preset(cache_name), tokenizer)
+        cache = HCCache.for_model(model, HCConfig.preset(cache_name), tokenizer)
     prefill(model, DynamicCache(config=model.config), ids[:, :64])  # warm-up, outside the timings
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk_size=1024)

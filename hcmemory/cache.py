@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from .calibration import shipped_codec_states
 from .config import HCConfig, coerce_config
 from .glue import ATTN_IMPLEMENTATION, attention_implementation, use_hcattention
+from . import layer_state
 from .layer import HCLayer, query_length_of
 from .models import check_model
 
@@ -163,7 +164,7 @@ class HCCache(Cache):
         tensors: dict[str, torch.Tensor] = {}
         metas = []
         for i, layer in enumerate(self.layers):
-            layer_tensors, meta = layer.state()
+            layer_tensors, meta = layer_state.dump(layer)
             tensors.update({f"{i}.{k}": v for k, v in layer_tensors.items()})
             metas.append(meta)
         return tensors, metas
@@ -179,7 +180,7 @@ class HCCache(Cache):
                 raise ValueError(f"checkpoint tensor {name!r} belongs to no layer of this model")
             grouped[int(index)][rest] = tensor
         for layer, layer_tensors, meta in zip(self.layers, grouped, metas):
-            layer.load_state(layer_tensors, meta)
+            layer_state.load(layer, layer_tensors, meta)
         seen = {layer.seen for layer in self.layers}
         if len(seen) != 1:
             raise ValueError(f"checkpoint layers have seen different numbers of tokens: {sorted(seen)}")

@@ -54,7 +54,19 @@ class HandedLayer(LayerView, Protocol):
 
 
 def hand_off(layer: HandedLayer, forward_kwargs: dict[str, Any] | None) -> None:
-    """Called by ``HCLayer.update``: make ``layer`` the one the next attention call reads."""
+    """Called by ``HCLayer.update``: make ``layer`` the one the next attention call reads.
+
+    When the previous layer of the same forward was handed off and never claimed (its keys still
+    alive), its attention ran through another function, which saw only the chunk: that forward is
+    wrong, so it stops here.
+    """
+    previous = getattr(_pending, "layer", None)
+    if previous is not None and previous.index == layer.index - 1 and previous.returned_keys() is not None:
+        _pending.layer = None
+        raise RuntimeError(
+            f"HCCache layer {previous.index} was updated but its attention never ran through hcattention "
+            "(the model changed the keys after the cache update, or another attention function ran); the outputs "
+            "of that forward are wrong. This model/transformers combination is not supported.")
     if isinstance(forward_kwargs, dict):
         forward_kwargs[_KWARG] = layer
     _pending.layer = layer
@@ -65,20 +77,16 @@ def _claim(kwargs: dict[str, Any], key: torch.Tensor, module: torch.nn.Module) -
     handed = kwargs.pop(_KWARG, None)
     pending = getattr(_pending, "layer", None)
     _pending.layer = None
-    layer = handed if handed is not None else pending
-    if layer is None:
-        return None
-    returned = layer.returned_keys()
-    if returned is key:
-        return layer
-    if handed is None and returned is None:
-        return None  # a stale hand-off (its forward died before attention ran); this call is not ours
-    raise RuntimeError(
-        f"hcattention: layer {getattr(module, 'layer_idx', '?')} received keys that are not the ones HCCache "
-        f"layer {layer.index} returned from update(); the model changed the keys between the cache update and "
-        "attention (unsupported), or an HCCache forward was interrupted and its keys are still referenced. "
-        "Refusing to attend over the wrong rows."
-    )
+    if handed is not None:
+        if handed.returned_keys() is not key:
+            raise RuntimeError(
+                f"hcattention: layer {getattr(module, 'layer_idx', '?')} received keys that are not the ones HCCache "
+                f"layer {handed.index} returned from update(); the model changed them between the cache update and "
+                "attention, which hcmemory does not support. Refusing to attend over the wrong rows.")
+        return handed
+    if pending is not None and pending.returned_keys() is key:
+        return pending
+    return None  # not an HCCache call: a pending layer with other keys was updated outside any forward
 
 
 def hc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -37,6 +37,8 @@ class CallGuard:
     def acquire(self, call: str, blocking: bool = True) -> bool:
         """Enter ``call``; False only when ``blocking=False`` and another call is in progress."""
         if self._owner == threading.get_ident():
+            if not blocking:
+                return False
             raise ContextBusyError(
                 f"HCContext.{call}() was called while {self._call}() is still in progress on this context from the "
                 "same thread (inside a stream() loop?); finish or close that call first, or fork() the context "

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .codecs import IdentityCodec, LayerCodecs, VQCodec, codecs_for
+from .codecs import IdentityCodec, LayerCodecs, codecs_for
 from .config import HCConfig
 from .eviction import EvictionPolicy, make_policy, rows_to_keep
 from .glue import hand_off
@@ -335,84 +335,6 @@ class HCLayer(CacheLayerMixin):
             setattr(twin, name, store.fork())
         twin._returned = None
         return twin
-
-    # --- checkpoints -------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Copies of everything this layer holds (row tensors, fitted codec tensors) and its counters.
-
-        Copies, not views: a checkpoint is written after the caller's lock is released."""
-        self._require_no_transaction("save")
-        tensors: dict[str, torch.Tensor] = {}
-        for name, store in self._all_stores().items():
-            if len(store):
-                tensors[f"rows.{name}"] = (store.codes() if isinstance(store, CodedRows) else store.view()).clone()
-        if self.calibrated:
-            for name in ("keys", "exact_keys"):
-                codec = getattr(self.codecs, name)
-                for key, value in ({} if codec is None else codec.state_dict()).items():
-                    tensors[f"codec.{name}.{key}"] = value.clone()
-        meta = {"seen": self.seen, "selected_rows": self.selected_rows, "selectable_rows": self.selectable_rows,
-                "calibrated": self.calibrated}
-        return tensors, meta
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Inverse of ``state`` on a fresh layer of the same configuration; raises ``ValueError``
-        naming the first thing that does not fit (a state that loads is consistent, not just intact)."""
-        if len(self) or self.seen:
-            raise RuntimeError("load_state needs a fresh layer")
-        ints = ("seen", "selected_rows", "selectable_rows")
-        if set(meta) != {*ints, "calibrated"}:
-            raise ValueError(f"layer {self.index}: counters {sorted(meta)} are not those of this format")
-        if any(not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0 for k in ints) \
-                or not isinstance(meta["calibrated"], bool) or meta["selected_rows"] > meta["selectable_rows"]:
-            raise ValueError(f"layer {self.index}: invalid counters {meta}")
-        needs_fit = not self.calibrated
-        if meta["calibrated"] and needs_fit:
-            self.load_codec_states({name: {k.split(".", 2)[2]: v for k, v in tensors.items()
-                                           if k.startswith(f"codec.{name}.")} for name in ("keys", "exact_keys")})
-        elif not meta["calibrated"] and (not needs_fit or self.config.calibration != "context"):
-            raise ValueError(f"layer {self.index}: stored as not calibrated, which key_codec="
-                             f"{self.config.key_codec!r} with calibration={self.config.calibration!r} never is")
-        expected = {f"rows.{name}" for name, store in self._all_stores().items()}
-        if self.calibrated and needs_fit:
-            expected |= {f"codec.{name}.{key}" for name in ("keys", "exact_keys")
-                         for key in (getattr(self.codecs, name).state_dict() if getattr(self.codecs, name) else {})}
-        unexpected = sorted(set(tensors) - expected)
-        if unexpected:
-            raise ValueError(f"layer {self.index}: unexpected tensors {unexpected}")
-        rows = {name: tensors.get(f"rows.{name}") for name in self._all_stores()}
-        counts = {name: 0 if t is None else (t.shape[1] if t.dim() >= 2 else -1) for name, t in rows.items()}
-        n = counts["values"]
-        if set(counts.values()) != {n} or n > meta["seen"]:
-            raise ValueError(f"layer {self.index}: stores hold {counts} rows with {meta['seen']} tokens seen")
-        for name, store in self._all_stores().items():
-            if rows[name] is not None:
-                self._check_rows(name, store, rows[name], meta["seen"])
-        for name, store in self._all_stores().items():
-            if rows[name] is not None:
-                store.append_codes(rows[name]) if isinstance(store, CodedRows) else store.append(rows[name])
-        self.seen, self.selected_rows, self.selectable_rows = meta["seen"], meta["selected_rows"], meta["selectable_rows"]
-
-    def _check_rows(self, name: str, store: CodedRows | RowBuffer, rows: torch.Tensor, seen: int) -> None:
-        if isinstance(store, CodedRows):
-            probe = store.codec.encode(torch.zeros(self.heads, 1, self.dim, dtype=self.dtype, device=store.device))
-            dtype, shape = probe.dtype, (self.heads, *probe.shape[2:])
-        else:
-            dtype, shape = store.dtype, (store.heads, *store.row_shape)
-        if rows.dtype != dtype or (rows.shape[0], *rows.shape[2:]) != shape:
-            raise ValueError(f"layer {self.index}: {name} rows are {rows.dtype} {tuple(rows.shape)}, this configuration "
-                             f"stores {dtype} rows of shape {shape}")
-        if name == "positions":
-            positions = rows[0]
-            if len(positions) and (int(positions[0]) < 0 or int(positions[-1]) >= seen
-                                   or not bool((positions[1:] > positions[:-1]).all())):
-                raise ValueError(f"layer {self.index}: row positions are not increasing within [0, seen)")
-        if isinstance(store, CodedRows) and isinstance(store.codec, VQCodec) and rows.numel():
-            if int(VQCodec._indices(rows).max()) >= store.codec.centroids:
-                raise ValueError(f"layer {self.index}: {name} holds codes beyond the codebook's "
-                                 f"{store.codec.centroids} centroids")
-        if name == "mass" and not bool(torch.isfinite(rows).all()):
-            raise ValueError(f"layer {self.index}: attention mass holds non-finite values")
 
     # --- bytes -------------------------------------------------------------------------------
     def device_bytes(self, reserved: bool = False) -> int:

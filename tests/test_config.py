@@ -42,10 +42,3 @@ def test_unknown_preset_and_unknown_keys_are_refused() -> None:
         HCConfig.preset("hc-3")
     with pytest.raises(ValueError, match="colour"):
         HCConfig.from_dict({**HCConfig().to_dict(), "colour": "red"})
-
-
-@pytest.mark.core
-def test_a_checkpoint_config_without_newer_fields_takes_their_defaults() -> None:
-    data = HCConfig.preset("hc-12.5").to_dict()
-    del data["selection_queries"]
-    assert HCConfig.from_dict(data).selection_queries == HCConfig().selection_queries

@@ -266,6 +266,19 @@ def test_model_fingerprint_tracks_weights_and_dtype(tmp_path: Path, default_mode
 
 
 @pytest.mark.core
+def test_fingerprints_are_computed_once_per_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama", 128))
+    calls = []
+    compute = fingerprint._compute_model_fingerprint
+    monkeypatch.setattr(fingerprint, "_compute_model_fingerprint", lambda m: calls.append(1) or compute(m))
+    first = model_fingerprint(model)
+    assert all(model_fingerprint(model) == first for _ in range(5)) and len(calls) == 1
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # an in-place change is seen (version counter)
+    assert model_fingerprint(model) != first and len(calls) == 2
+
+
+@pytest.mark.core
 def test_weight_checksum_is_the_same_on_every_path() -> None:
     """CPU tensors are summed with numpy, others with torch; the digest must not depend on
     which one ran (the torch path is exercised here on CPU tensors)."""

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import HCConfig
+from ..config import CHOICES, HCConfig
 from .base import Codec
 from .identity import IdentityCodec
 from .uniform import UniformCodec
 from .vq import VQCodec
 
-CODEC_KINDS = ("none", "fp16", "bf16", "vq", "int8", "int4", "int2")
+CODEC_KINDS = tuple(dict.fromkeys(CHOICES["key_codec"] + CHOICES["value_codec"]))
+"""Every codec a config can name, for keys or for values."""
 
 __all__ = ["CODEC_KINDS", "Codec", "IdentityCodec", "LayerCodecs", "UniformCodec", "VQCodec", "codecs_for",
            "make_codec"]

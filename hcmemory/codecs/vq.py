@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import CHOICES
 from .base import Codec
 from .kmeans import assign, kmeans
 
-SHARING = ("layer", "head", "group")
+SHARING = CHOICES["vq_codebook"]
 
 FIT_POINTS_PER_CENTROID = 64
 """``fit`` subsamples each K-means problem to at most this many points per centroid; fitting time grows
