@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from .selection import top_p_select
+from .selection import select_rows
 
 if TYPE_CHECKING:
     from .config import HCConfig
@@ -146,16 +146,20 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
     exact_count = sink_end + n - recent_start
     approx_scores, index = None, None
     if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
-        rescore, top_p = layer.config.rescore, layer.config.top_p
+        config = layer.config
+        rescore = config.rescore
+        top_p = config.top_p if chunk <= config.selection_queries or config.prefill_top_p is None \
+            else config.prefill_top_p
         if rescore and top_p < 1.0:  # scores only select: a sample of the chunk's queries is enough
-            step = max(1, rows // layer.config.selection_queries)
+            step = max(1, rows // config.selection_queries)
             sample = q.view(heads, groups, rows, -1)[:, :, ::step].reshape(heads, -1, q.shape[-1])
-            approx = layer.approx_scores(sample, sink_end, recent_start)
+            approx = layer.approx_scores(sample, sink_end, recent_start) if config.selection_scores == "codes" \
+                else sample.to(where, torch.float32) @ layer.exact_rows(sink_end, recent_start)[0].float().mT
         elif not rescore:  # the paper's way: the approximate scores are the weights of every query
             approx = layer.approx_scores(q, sink_end, recent_start)
         if top_p < 1.0:
-            mass = torch.softmax(approx * scaling, dim=-1).mean(dim=1)
-            chosen = top_p_select(mass, layer.config.top_p, hint=layer.last_selected)
+            probs = torch.softmax(approx * scaling, dim=-1)
+            chosen = select_rows(probs, top_p, config.selection_aggregate, layer.last_selected, config.min_selected)
             layer.record_selection(chosen.shape[1], recent_start - sink_end)
             compressed = chosen.to(where) + sink_end
         else:

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from importlib import resources
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -92,15 +93,35 @@ def demo(preset: str, model_path: str | None, max_new_tokens: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .eval import STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, report, run
+
     parser = argparse.ArgumentParser(prog="hcmemory", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="answer questions about a long built-in document and compare memory/speed")
     d.add_argument("--preset", default=DEMO_PRESET, choices=HCConfig.presets())
     d.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
     d.add_argument("--max-new-tokens", type=int, default=32)
-    d.add_argument("-v", "--verbose", action="store_true")
+    e = sub.add_parser("eval", help="RULER-style accuracy of KV-cache methods on the same prompts (resumable)")
+    e.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
+    e.add_argument("--methods", nargs="+", default=list(STANDARD_METHODS),
+                   help="full, a preset, preset:field=value,..., quanto-4, kvpress:<Press>@<bytes ratio>")
+    e.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    e.add_argument("--lengths", nargs="+", type=int, default=list(STANDARD_LENGTHS))
+    e.add_argument("--questions", type=int, default=5, help="at least this many questions per (task, length)")
+    e.add_argument("--out", default="eval-results", help="results directory (cells are cached there)")
+    r = sub.add_parser("report", help="tables, intervals and plots of an eval results directory")
+    r.add_argument("out", help="the results directory of `hcmemory eval`")
+    r.add_argument("--output", default=None, help="where to write the Markdown (default: OUT/RESULTS.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "eval":
+        out = run(Plan(args.methods, args.tasks, args.lengths, args.questions, Path(args.out), args.model))
+        print(f"report: {report(out)}")
+        return 0
+    if args.command == "report":
+        print(report(Path(args.out), Path(args.output) if args.output else None))
+        return 0
     return demo(args.preset, args.model, args.max_new_tokens)
 
 

@@ -23,6 +23,8 @@ CHOICES: dict[str, tuple] = {
     "value_codec": ("none", "fp16", "bf16", "int8", "int4", "int2"),
     "value_placement": ("host", "device"),
     "eviction": ("none", "hc", "h2o", "streaming", "window"),
+    "selection_aggregate": ("mean", "max", "union"),
+    "selection_scores": ("codes", "exact"),
 }
 """Allowed values of every field that takes one of a fixed set."""
 
@@ -87,6 +89,17 @@ class HCConfig:
     Measured on SmolLM2 at 7.5K (DynamicCache prefill 171–186 tok/s in the same runs): 32 → 171–178
     tok/s, 64 → 133, 128 → 102, all → 64; on the 4K needles (full attention 7/10) hc-12.5 found 6/10 with 32 or 64
     and 7/10 with 128 or all.  Raise it when accuracy matters more than prefill speed."""
+    prefill_top_p: float | None = None
+    """``top_p`` for steps of more than ``selection_queries`` queries (document prefill); None: ``top_p``.
+    1.0 reads every compressed row exactly while prefilling and selects only for questions and decoding."""
+    selection_aggregate: str = "mean"
+    """How the queries of a step (a KV head's query group, a block's tokens) choose together: top-p of
+    their ``mean`` distribution, of the per-row ``max``, or the ``union`` of each query's own top-p set."""
+    min_selected: int = 0
+    """Read at least this many compressed rows per step and head, whatever top-p says."""
+    selection_scores: str = "codes"
+    """What selects: the approximate ``codes`` (the method), or ``exact`` keys — an oracle that reads
+    every exact key, for measuring how much selection loses to the codes' error alone."""
     sink_tokens: int = 4
     recent_tokens: int = 64
     """First ``sink_tokens`` and last ``recent_tokens`` rows are always exact and never evicted."""
@@ -108,7 +121,7 @@ class HCConfig:
                 _fail(name, value, f"allowed values: {', '.join(map(repr, allowed))}")
         ints = {"vq_centroids": (2, 65536), "kmeans_iters": (1, None), "selection_queries": (1, None),
                 "sink_tokens": (0, None), "recent_tokens": (0, None), "chunk_size": (1, None),
-                "store_growth": (1, None), "calibration_tokens": (1, None)}
+                "store_growth": (1, None), "calibration_tokens": (1, None), "min_selected": (0, None)}
         for name, (low, high) in ints.items():
             value = getattr(self, name)
             if not _is_int(value) or value < low or (high is not None and value > high):
@@ -117,6 +130,8 @@ class HCConfig:
             _fail("rescore", self.rescore, "expected True or False")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             _fail("top_p", self.top_p, "expected a float in (0, 1]")
+        if self.prefill_top_p is not None and (not _is_number(self.prefill_top_p) or not 0.0 < self.prefill_top_p <= 1.0):
+            _fail("prefill_top_p", self.prefill_top_p, "expected None or a float in (0, 1]")
         self._check_budget()
 
     def _check_budget(self) -> None:
@@ -206,6 +221,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hc-25": {**_HC, "vq_subvector_dim": 1},
     "hc-12.5": {**_HC, "vq_subvector_dim": 2},
     "hc-12.5-bounded": {**_HC, "vq_subvector_dim": 2, "eviction": "hc", "budget": 4096},
+    # hc-12.5 with the host side compressed too: per-channel int8 keys for re-scoring, int4 values
+    "compact": {**_HC, "vq_subvector_dim": 2, "rescore_keys": "int8", "value_codec": "int4"},
     # classic policies in the same frame
     "streaming": {"eviction": "streaming", "budget": 1024},
     "h2o": {"eviction": "h2o", "budget": 0.25},

@@ -1,0 +1,287 @@
+"""The methods an evaluation compares, on the same token ids and the same greedy decoding.
+
+* ``full`` — transformers' ``DynamicCache``: the accuracy reference.
+* any hcmemory preset, or ``preset:field=value,...`` for any ``HCConfig`` (the context is prefilled
+  once in chunks; each question runs in a rolled-back overlay of the live state).
+* ``quanto-4`` / ``quanto-2`` — transformers' ``QuantizedCache`` with the optimum-quanto backend
+  (the one that installs on this CPU machine; HQQ needs a CUDA build of its kernels).
+* ``kvpress:<Press>@<ratio>`` — a kvpress press keeping ``ratio`` of a full fp16 cache's bytes next to
+  the model (SnapKV, StreamingLLM, Knorm, ExpectedAttention, TOVA, ObservedAttention).
+
+Every transformers-cache method of a haystack shares one recorded prefill: kvpress presses compress
+each layer's keys and values after that layer's attention ran over the whole, uncompressed
+context, so the prefill itself is the same for all of them; the recording keeps each layer's inputs
+and replays ``press.compress`` on them (a test checks the result equals kvpress's own pipeline).
+The recording also gives ``full`` and the quantized caches their prefill.
+
+Memory is measured from the stored tensors after the prefill: bytes next to the model and bytes in
+total (model side + host), as ratios of a full fp16 cache of the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from ..cache import HCCache
+from ..config import HCConfig
+from ..decoding import Sampling, decode, stop_token_ids
+from ..glue import cache_kwarg
+from ..prefill import prefill
+
+log = logging.getLogger(__name__)
+
+PRESSES = ("SnapKV", "StreamingLLM", "Knorm", "ExpectedAttention", "TOVA", "ObservedAttention")
+
+
+@dataclass
+class Memory:
+    """What a method's state holds for the context, measured from its tensors."""
+
+    device_bytes: int
+    total_bytes: int
+    full_fp16_bytes: int
+    selected_fraction: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device_bytes": self.device_bytes, "total_bytes": self.total_bytes,
+                "full_fp16_bytes": self.full_fp16_bytes, "device_ratio": self.device_bytes / self.full_fp16_bytes,
+                "total_ratio": self.total_bytes / self.full_fp16_bytes, "selected_fraction": self.selected_fraction}
+
+
+@dataclass
+class Recording:
+    """One plain prefill of a context: every layer's keys, values and attention inputs."""
+
+    context_length: int
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def full_fp16_bytes(model: torch.nn.Module, tokens: int) -> int:
+    mc = model.config
+    dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    return tokens * mc.num_hidden_layers * 2 * mc.num_key_value_heads * dim * 2
+
+
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes of a tensor, including tensor subclasses that wrap several (quanto's packed tensors)."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) is not torch.Tensor:
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+
+
+@torch.no_grad()
+def record(model: torch.nn.Module, context_ids: list[int]) -> Recording:
+    """Prefill ``context_ids`` once with a DynamicCache, keeping what every press needs."""
+    rec = Recording(len(context_ids))
+    layers = model.model.layers
+    hidden: list[torch.Tensor | None] = [None] * len(layers)
+
+    def keep(index: int):
+        def hook(module, args, kwargs, output):
+            hidden[index] = kwargs["hidden_states"]
+            rec.position_embeddings = kwargs["position_embeddings"]
+        return hook
+
+    handles = [layer.self_attn.register_forward_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        cache = DynamicCache(config=model.config)
+        ids = torch.tensor([context_ids], device=next(model.parameters()).device)
+        model.model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
+    finally:
+        for handle in handles:
+            handle.remove()
+    rec.keys = [layer.keys for layer in cache.layers]
+    rec.values = [layer.values for layer in cache.layers]
+    rec.hidden = hidden
+    return rec
+
+
+class Method:
+    """One way of holding the context; ``answer`` returns the answers and the memory it held."""
+
+    name: str
+    spec: str
+    uses_recording = False
+
+    def answer(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, context_ids: list[int],
+               questions: list[tuple[list[int], int]], recording: Recording | None = None
+               ) -> tuple[list[str], Memory]:
+        raise NotImplementedError
+
+
+class HCMethod(Method):
+    def __init__(self, name: str, config: HCConfig, spec: str) -> None:
+        self.name, self.config, self.spec = name, config, spec
+
+    def answer(self, model, tokenizer, context_ids, questions, recording=None):
+        cache = HCCache.for_model(model, self.config, tokenizer)
+        prefill(model, cache, torch.tensor([context_ids]), self.config.chunk_size)
+        stats = cache.stats()
+        answers, fractions = [], []
+        for ids, max_new in questions:
+            with cache.transaction(commit=False):
+                logits = prefill(model, cache, torch.tensor([ids]), self.config.chunk_size)
+                answers.append("".join(decode(model, tokenizer, cache, logits, Sampling(max_new))))
+                if cache.stats().selected_fraction is not None:
+                    fractions.append(cache.stats().selected_fraction)
+        memory = Memory(stats.device_bytes, stats.device_bytes + stats.host_bytes, stats.full_fp16_bytes,
+                        sum(fractions) / len(fractions) if fractions else None)
+        return answers, memory
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Any, ids: list[int], position: int,
+            max_new: int) -> str:
+    """Greedy decoding on a transformers cache whose kept length may differ from the positions
+    (compressed caches): positions are passed explicitly, as kvpress's pipeline does."""
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    positions = torch.arange(position, position + len(ids), device=device)[None]
+    logits = model(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
+    generated: list[int] = []
+    position += len(ids)
+    for step in range(max_new):
+        token = int(logits.argmax())
+        generated.append(token)
+        if token in stops or step == max_new - 1:
+            break
+        logits = model(input_ids=torch.tensor([[token]], device=device),
+                       position_ids=torch.tensor([[position + step]], device=device), use_cache=True,
+                       **cache_kwarg(model, cache)).logits[0, -1]
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+class RecordedMethod(Method):
+    """A transformers cache built from the shared recording; after each question the cache is cut
+    back to what the context left in it (a quantized cache, whose packed tensors cannot be cut or
+    copied, is built again instead)."""
+
+    uses_recording = True
+    rebuild_per_question = False
+
+    def build(self, model: torch.nn.Module, rec: Recording) -> Any:
+        raise NotImplementedError
+
+    def answer(self, model, tokenizer, context_ids, questions, recording=None):
+        cache = self.build(model, recording)
+        nbytes = sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values())
+        memory = Memory(nbytes, nbytes, full_fp16_bytes(model, len(context_ids)))
+        kept = None if self.rebuild_per_question else [layer.keys.shape[-2] for layer in cache.layers]
+        answers = []
+        for i, (ids, max_new) in enumerate(questions):
+            if i and self.rebuild_per_question:
+                cache = self.build(model, recording)
+            answers.append(_greedy(model, tokenizer, cache, ids, recording.context_length, max_new))
+            if not self.rebuild_per_question:
+                for layer, n in zip(cache.layers, kept):
+                    layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        return answers, memory
+
+
+class FullMethod(RecordedMethod):
+    name = spec = "full"
+
+    def build(self, model, rec):
+        cache = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(zip(rec.keys, rec.values)):
+            cache.update(k, v, i)
+        return cache
+
+
+class QuantoMethod(RecordedMethod):
+    rebuild_per_question = True
+
+    def __init__(self, bits: int) -> None:
+        self.bits, self.name = bits, f"quanto-{bits}"
+        self.spec = self.name
+
+    def build(self, model, rec):
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=self.bits)
+        for i, (k, v) in enumerate(zip(rec.keys, rec.values)):
+            cache.update(k, v, i)
+        return cache
+
+
+class PressMethod(RecordedMethod):
+    """A kvpress press keeping ``bytes_ratio`` of a full fp16 cache's bytes (so, on a float32 model,
+    half that share of the tokens)."""
+
+    def __init__(self, press: str, bytes_ratio: float) -> None:
+        self.press, self.bytes_ratio = press, bytes_ratio
+        self.name = self.spec = f"kvpress:{press}@{bytes_ratio:g}"
+
+    def build(self, model, rec):
+        import kvpress
+
+        keep = self.bytes_ratio * 2 / rec.keys[0].element_size()
+        press = getattr(kvpress, f"{self.press}Press")(compression_ratio=1 - keep)
+        cache = DynamicCache(config=model.config)
+        layers = model.model.layers
+        with press(model):  # sets up what compress needs (e.g. rotary embeddings); no forward runs
+            for i, layer in enumerate(layers):
+                attentions = _attentions(layer.self_attn, rec, i) if self.press == "ObservedAttention" else None
+                k, v = press.compress(layer.self_attn, rec.hidden[i], rec.keys[i], rec.values[i], attentions,
+                                      {"position_embeddings": rec.position_embeddings})
+                cache.update(k.contiguous(), v.contiguous(), i)
+        return cache
+
+
+def _attentions(module: torch.nn.Module, rec: Recording, index: int) -> torch.Tensor:
+    """The causal attention weights of a layer's prefill (what eager attention would output)."""
+    from kvpress.utils import get_prerope_query_states
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    queries = get_prerope_query_states(module, rec.hidden[index])
+    queries, _ = apply_rotary_pos_emb(queries, queries, *rec.position_embeddings)
+    keys = repeat_kv(rec.keys[index], queries.shape[1] // rec.keys[index].shape[1])
+    scores = queries @ keys.transpose(-1, -2) * module.scaling
+    n = scores.shape[-1]
+    scores.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
+    return scores.softmax(-1)
+
+
+def parse_method(spec: str) -> Method:
+    """``full``, ``quanto-4``, ``kvpress:SnapKV@0.125``, a preset name, or ``preset:field=value,...``."""
+    if spec == "full":
+        return FullMethod()
+    if spec in ("quanto-4", "quanto-2"):
+        return QuantoMethod(int(spec[-1]))
+    if spec.startswith("kvpress:"):
+        press, _, ratio = spec[len("kvpress:"):].partition("@")
+        if press not in PRESSES:
+            raise ValueError(f"unknown kvpress press {press!r}; known: {', '.join(PRESSES)}")
+        return PressMethod(press, float(ratio or 0.125))
+    preset, _, fields = spec.partition(":")
+    overrides = {}
+    for item in filter(None, fields.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return HCMethod(spec, HCConfig.preset(preset, **overrides), spec)
+
+
+def available(method: Method) -> str | None:
+    """Why a method cannot run in this environment, or None."""
+    try:
+        if isinstance(method, PressMethod):
+            import kvpress  # noqa: F401
+        if isinstance(method, QuantoMethod):
+            import optimum.quanto  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} is not installed (the bench extra, in the transformers 5.2 environment: make bench)"
+    return None

@@ -1,0 +1,250 @@
+"""Reading a results directory back: accuracy with confidence intervals, both memory axes, plots,
+and ``docs/RESULTS.md``.
+
+Accuracy of a (method, length) cell is the *task average* (mean over tasks of the mean question
+score), so a task with many questions per haystack does not outweigh one with few.  Its 95 %
+interval comes from a bootstrap that resamples questions within each task; the difference to
+``full`` is bootstrapped *paired* (the same questions for both), which is the interval the
+"equal to full" and "within 5 points" claims are read from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+BOOTSTRAP = 2000
+REFERENCE = "full"
+
+
+def load_cells(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(out).glob("cells/*/*.json"))]
+
+
+def _scores(cells: list[dict[str, Any]]) -> dict[str, dict[tuple, float]]:
+    """task -> {(task, length, seed, question index): score}"""
+    out: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for cell in cells:
+        for i, q in enumerate(cell["questions"]):
+            out[cell["task"]][(cell["task"], cell["length"], cell["seed"], i)] = q["score"]
+    return out
+
+
+def _task_average(per_task: dict[str, dict[tuple, float]], keys: dict[str, list[tuple]]) -> float:
+    return sum(sum(per_task[t][k] for k in ks) / len(ks) for t, ks in keys.items()) / len(keys)
+
+
+def _bootstrap(per_task: dict[str, dict[tuple, float]], reference: dict[str, dict[tuple, float]] | None,
+               seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the task average (minus the reference's on the same questions, when given)."""
+    rng = random.Random(seed)
+    keys = {t: sorted(v) for t, v in per_task.items() if v}
+    samples = []
+    for _ in range(BOOTSTRAP):
+        drawn = {t: [rng.choice(ks) for _ in ks] for t, ks in keys.items()}
+        value = _task_average(per_task, drawn)
+        if reference is not None:
+            value -= _task_average(reference, drawn)
+        samples.append(value)
+    samples.sort()
+    return samples[int(0.025 * BOOTSTRAP)], samples[int(0.975 * BOOTSTRAP) - 1]
+
+
+def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, length) and per method over all lengths."""
+    by: dict[tuple[str, int | None], list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        by[(cell["method"], cell["length"])].append(cell)
+        by[(cell["method"], None)].append(cell)
+    rows = []
+    for (method, length), group in sorted(by.items(), key=lambda item: (item[0][0], item[0][1] or 10**9)):
+        per_task = _scores(group)
+        reference_cells = [c for c in by.get((REFERENCE, length), [])]
+        ref = _scores(reference_cells) if reference_cells and method != REFERENCE else None
+        common = per_task
+        if ref is not None:  # paired: only the questions both answered
+            common = {t: {k: v for k, v in s.items() if k in ref.get(t, {})} for t, s in per_task.items()}
+            common = {t: s for t, s in common.items() if s}
+            ref = {t: {k: ref[t][k] for k in s} for t, s in common.items()}
+        keys = {t: sorted(s) for t, s in per_task.items() if s}
+        low, high = _bootstrap(per_task, None)
+        row = {"method": method, "length": length, "questions": sum(len(s) for s in per_task.values()),
+               "accuracy": _task_average(per_task, keys), "ci_low": low, "ci_high": high,
+               "tasks": {t: sum(s.values()) / len(s) for t, s in per_task.items() if s},
+               "device_ratio": _mean(c["memory"]["device_ratio"] for c in group),
+               "total_ratio": _mean(c["memory"]["total_ratio"] for c in group),
+               "selected_fraction": _mean(c["memory"]["selected_fraction"] for c in group
+                                          if c["memory"]["selected_fraction"] is not None),
+               "seconds": sum(c["seconds"] for c in group),
+               "tokens_per_s": sum(c["context_tokens"] for c in group) / max(1e-9, sum(c["seconds"] for c in group))}
+        if ref is not None and common:
+            ckeys = {t: sorted(s) for t, s in common.items()}
+            row["delta"] = _task_average(common, ckeys) - _task_average(ref, ckeys)
+            row["delta_low"], row["delta_high"] = _bootstrap(common, ref)
+        rows.append(row)
+    return rows
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lengths = sorted({r["length"] for r in rows if r["length"] is not None})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != REFERENCE, m))
+    table = {(r["method"], r["length"]): r for r in rows}
+    head = ["method", "next to model", "total"] + [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths] + [
+        "all lengths", "Δ vs full (95 % CI)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        overall = table.get((m, None))
+        cells = []
+        for n in lengths:
+            r = table.get((m, n))
+            cells.append("–" if r is None else f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]")
+        delta = "–" if overall is None or "delta" not in overall else (
+            f"{100 * overall['delta']:+.1f} [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]")
+        lines.append(f"| {m} | {_pct(overall['device_ratio'])} % | {_pct(overall['total_ratio'])} % | "
+                     + " | ".join(cells) + f" | {_pct(overall['accuracy'])} | {delta} |")
+    return "\n".join(lines)
+
+
+def markdown_tasks(rows: list[dict[str, Any]]) -> str:
+    overall = [r for r in rows if r["length"] is None]
+    tasks = sorted({t for r in overall for t in r["tasks"]})
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for r in sorted(overall, key=lambda r: (r["method"] != REFERENCE, r["method"])):
+        lines.append(f"| {r['method']} | " + " | ".join(_pct(r["tasks"].get(t)) for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+def markdown_deltas(rows: list[dict[str, Any]]) -> str:
+    lengths = sorted({r["length"] for r in rows if r["length"] is not None})
+    lines = ["| method | " + " | ".join(f"Δ {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    table = {(r["method"], r["length"]): r for r in rows}
+    for m in sorted({r["method"] for r in rows if r["method"] != REFERENCE}):
+        cells = []
+        for n in lengths:
+            r = table.get((m, n))
+            cells.append("–" if r is None or "delta" not in r else
+                         f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) -> list[Path]:
+    """PNG plots next to the results; none (with a log line) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    written = []
+    overall = [r for r in rows if r["length"] is None]
+    for axis, label in (("device_ratio", "bytes next to the model"), ("total_ratio", "bytes in total")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in overall:
+            ax.errorbar(r[axis], 100 * r["accuracy"], yerr=[[100 * (r["accuracy"] - r["ci_low"])],
+                                                             [100 * (r["ci_high"] - r["accuracy"])]], fmt="o", capsize=3)
+            ax.annotate(r["method"], (r[axis], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label}, share of a full fp16 cache (log)")
+        ax.set_ylabel("task-average accuracy (%)")
+        ax.grid(alpha=0.3)
+        path = out / f"accuracy-vs-{axis.split('_')[0]}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    written.append(_heatmaps(cells, out, plt))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in rows}):
+        points = sorted((r["length"], r["tokens_per_s"]) for r in rows if r["method"] == method and r["length"])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("context tokens per second of evaluation")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    path = out / "speed-vs-length.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def _heatmaps(cells: list[dict[str, Any]], out: Path, plt: Any) -> Path:
+    """Depth x length accuracy of the questions that have a depth (needles, fact sheets), per method."""
+    methods = sorted({c["method"] for c in cells})
+    lengths = sorted({c["length"] for c in cells})
+    bins = 5
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 * len(methods), 2.8), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = [[[] for _ in lengths] for _ in range(bins)]
+        for c in cells:
+            if c["method"] == method:
+                for q in c["questions"]:
+                    if q["depth"] is not None:
+                        grid[min(bins - 1, int(q["depth"] * bins))][lengths.index(c["length"])].append(q["score"])
+        values = [[sum(v) / len(v) if v else float("nan") for v in row] for row in grid]
+        ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(method, fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths], fontsize=6)
+        ax.set_yticks(range(bins), [f"{100 * i // bins}%" for i in range(bins)], fontsize=6)
+    fig.tight_layout()
+    path = out / "depth-by-length.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(out: Path, output: Path | None = None) -> Path:
+    """Write ``results.json`` and ``RESULTS.md`` (to ``output`` if given, plots copied beside it)."""
+    out = Path(out)
+    cells = load_cells(out)
+    if not cells:
+        raise ValueError(f"{out} holds no evaluation cells; run `hcmemory eval --out {out}` first")
+    rows = summarize(cells)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    images = plots(rows, cells, out)
+    target = Path(output) if output else out / "RESULTS.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.parent.resolve() != out.resolve():
+        for image in images:
+            shutil.copy(image, target.parent / image.name)
+    env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").exists() else {}
+    lengths = sorted({c["length"] for c in cells})
+    text = [
+        "# Evaluation results", "",
+        f"Model {env.get('model', '?')}; {env.get('processor', '?')}, {env.get('threads', '?')} threads; torch "
+        f"{env.get('torch', '?')}, transformers {env.get('transformers', '?')}; {env.get('date', '?')}.",
+        f"{len(cells)} cells, lengths {', '.join(map(str, lengths))} tokens; tasks "
+        f"{', '.join(sorted({c['task'] for c in cells}))}. Regenerate with `hcmemory report {out}"
+        + (f" --output {target}" if output else "") + "`.", "",
+        "## Task-average accuracy (%, 95 % bootstrap interval) and memory", "",
+        "Memory columns: bytes next to the model and bytes in total (model side + host), as a share of a full "
+        "fp16 cache of the same tokens, measured from the stored tensors (the model runs in float32, so `full` "
+        "holds 200 %).", "", markdown(rows), "",
+        "## Difference to full attention per length (points, paired 95 % interval)", "", markdown_deltas(rows), "",
+        "## Per task (all lengths, %)", "", markdown_tasks(rows), "",
+    ]
+    if env.get("skipped"):
+        text += [f"Not run here: {', '.join(env['skipped'])} (not installed in this environment).", ""]
+    text += [f"![{image.stem}]({image.name})" for image in images]
+    target.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return target
