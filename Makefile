@@ -28,14 +28,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
 	$(call TORCH_FIRST,$(VENV))
-	$(VENV)/bin/python -m pip install $(PIP_QUIET) -e '.[dev,langchain,llamaindex]'
+	$(VENV)/bin/python -m pip install $(PIP_QUIET) -e '.[dev,langchain,llamaindex,agents]'
 	touch $@
 
 $(COMPAT)/.installed: pyproject.toml
 	test -x $(COMPAT)/bin/python || $(PY) -m venv $(COMPAT)
 	$(COMPAT)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
 	$(call TORCH_FIRST,$(COMPAT))
-	$(COMPAT)/bin/python -m pip install $(PIP_QUIET) 'transformers>=5.2,<5.3' -e '.[dev,bench]'
+	$(COMPAT)/bin/python -m pip install $(PIP_QUIET) 'transformers>=5.2,<5.3' -e '.[dev,bench,langchain]'
 	touch $@
 
 # Downloads and converts the embedded default model once (about half a minute); afterwards
@@ -50,5 +50,11 @@ test: venv venv-compat model
 	$(VENV)/bin/python -m pytest -q
 	$(COMPAT)/bin/python -m pytest -q -m core
 
+# The standard evaluation grid (every method, RULER-style tasks, 2K/4K/7.5K; resumable, several CPU hours)
+# with its report in docs/RESULTS.md, then the speed, context, bounded and integration benchmarks.
+EVAL_OUT ?= benchmarks/results/eval
 bench: venv venv-compat model
+	$(COMPAT)/bin/hcmemory eval --out $(EVAL_OUT)
+	$(COMPAT)/bin/hcmemory report $(EVAL_OUT) --output docs/RESULTS.md
 	$(COMPAT)/bin/python -m benchmarks.run
+	$(VENV)/bin/python -m benchmarks.bench_integrations

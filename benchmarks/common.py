@@ -3,47 +3,28 @@
 from __future__ import annotations
 
 import json
-import platform
-import random
 import resource
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
+from hcmemory.eval.fillers import sentences
+from hcmemory.eval.runner import environment
 
 RESULTS = Path(__file__).parent / "results"
-DATA = Path(__file__).parent / "data"
-
-
-def filler_paragraphs() -> list[str]:
-    return [p.strip() for p in (DATA / "filler.txt").read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 
 def haystack_ids(tokenizer, tokens: int, seed: int = 0) -> list[int]:
-    """``tokens`` token ids of filler prose, paragraphs drawn in a seeded order (cycled when needed)."""
-    paragraphs = filler_paragraphs()
-    rng = random.Random(seed)
+    """``tokens`` token ids of the shipped prose filler, in a seeded order (the eval harness's filler)."""
     ids: list[int] = []
-    while len(ids) < tokens:
-        order = paragraphs[:]
-        rng.shuffle(order)
-        for p in order:
-            ids.extend(tokenizer(p + "\n\n", add_special_tokens=False).input_ids)
-            if len(ids) >= tokens:
-                break
-    return ids[:tokens]
+    for sentence in sentences("prose", seed):
+        ids.extend(tokenizer(sentence + " ", add_special_tokens=False).input_ids)
+        if len(ids) >= tokens:
+            return ids[:tokens]
+    raise AssertionError("the filler stream is endless")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def environment() -> dict[str, Any]:
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write_results(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:

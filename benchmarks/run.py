@@ -1,12 +1,13 @@
-"""``make bench``: every benchmark in turn; each prints its table and writes benchmarks/results/*.json."""
+"""``make bench``: the timing benchmarks in turn (accuracy is ``hcmemory eval``'s); each prints its table and
+writes benchmarks/results/*.json."""
 
 from __future__ import annotations
 
-from . import bench_bounded, bench_context, bench_needle, bench_speed, bench_sweep
+from . import bench_bounded, bench_context, bench_speed
 
 
 def main() -> None:
-    for bench in (bench_speed, bench_needle, bench_sweep, bench_context, bench_bounded):
+    for bench in (bench_speed, bench_context, bench_bounded):
         print(f"\n=== {bench.__name__} ===", flush=True)
         bench.main([])
 

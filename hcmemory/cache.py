@@ -159,6 +159,18 @@ class HCCache(Cache):
         for layer in self.layers:
             layer.reset()
 
+    def crop(self, max_length: int) -> None:
+        """Forget everything after the first ``max_length`` tokens (negative: drop that many from the
+        end), as transformers' caches do.  Exact for unbounded presets; a bounded one keeps its kept
+        rows below that position.  Inside a transaction a rollback brings the cropped rows back."""
+        if not isinstance(max_length, int) or isinstance(max_length, bool):
+            raise TypeError(f"max_length must be an int, not {type(max_length).__name__}")
+        tokens = self.seen + max_length if max_length < 0 else max_length
+        if tokens < 0:
+            raise ValueError(f"cannot drop {-max_length} tokens from a cache that has seen {self.seen}")
+        for layer in self.layers:
+            layer.crop(tokens)
+
     def state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
         """Copies of all layers' tensors (keys prefixed ``"{layer}."``) and per-layer counters."""
         tensors: dict[str, torch.Tensor] = {}

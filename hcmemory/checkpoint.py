@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 """Bumped whenever the stored layout changes; a reader refuses other versions instead of filling
 what an older header lacks with today's defaults.  2: complete configs, per-layer ``calibrated``,
-``exact_keys`` (was ``host_keys``)."""
+``exact_keys`` (was ``host_keys``), the user's ``metadata``."""
 _FILE_METADATA_KEY = "hcmemory"
 _LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}
 
@@ -62,6 +62,8 @@ class ContextState:
     model_fingerprint: str = ""
     tokenizer_fingerprint: str = ""
     model_name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The user's own JSON-serializable notes about the context (``HCContext.metadata``)."""
 
     def header(self, tag: str, checkpoint_id: str) -> dict[str, Any]:
         """The JSON header, without the tensor manifest (each layout adds its own)."""
@@ -78,6 +80,7 @@ class ContextState:
             "token_ids": list(self.token_ids),
             "tokens_prefilled": self.tokens_prefilled,
             "turn_open": self.turn_open,
+            "metadata": self.metadata,
             "layers": [dict(meta) for meta in self.layers],
         }
 
@@ -100,11 +103,13 @@ class ContextState:
             _require(_is_int(prefilled) and 0 <= prefilled <= len(token_ids),
                      f"tokens_prefilled={prefilled!r} does not fit {len(token_ids)} tokens")
             _require(isinstance(header["turn_open"], bool), "turn_open is not a bool")
+            _require(isinstance(header["metadata"], dict), "metadata is not a JSON object")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: the checkpoint header is inconsistent ({exc}); restore it from a "
                                   "backup or save the context again") from exc
         return cls(header["context_id"], config, token_ids, prefilled, header["turn_open"], layers, tensors,
-                   header["model_fingerprint"], header["tokenizer_fingerprint"], header.get("model_name", ""))
+                   header["model_fingerprint"], header["tokenizer_fingerprint"], header.get("model_name", ""),
+                   header["metadata"])
 
 
 def _is_int(value: Any) -> bool:

@@ -93,7 +93,7 @@ def demo(preset: str, model_path: str | None, max_new_tokens: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .eval import STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, report, run
+    from .eval import STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, run, write_report
 
     parser = argparse.ArgumentParser(prog="hcmemory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
         out = run(Plan(args.methods, args.tasks, args.lengths, args.questions, Path(args.out), args.model))
-        print(f"report: {report(out)}")
+        print(f"report: {write_report(out)}")
         return 0
     if args.command == "report":
-        print(report(Path(args.out), Path(args.output) if args.output else None))
+        print(write_report(Path(args.out), Path(args.output) if args.output else None))
         return 0
     return demo(args.preset, args.model, args.max_new_tokens)
 

@@ -13,6 +13,7 @@ rebuilds a context around it without prefilling anything; ``checkpoint.py`` is t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -27,7 +28,7 @@ from .cache import CacheStats, HCCache
 from .chat import ChatFormat
 from .checkpoint import ContextState, fingerprints, inconsistent, read_file, write_file
 from .config import HCConfig, coerce_config
-from .decoding import Sampling, decode, stop_token_ids
+from .decoding import Generation, GenerationInfo, Sampling, decode, stop_token_ids
 from .guard import CallGuard
 from .models import check_model, check_tokenizer
 from .prefill import prefill
@@ -43,6 +44,14 @@ class ContextStats(CacheStats):
 
     tokens_prefilled: int
     """Tokens prefilled into the committed state (documents, chat turns): each exactly once."""
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def check_id(value: Any, name: str = "context_id") -> str:
@@ -69,7 +78,8 @@ class HCContext:
         self._setup(model, tokenizer, config, context_id, HCCache.for_model(model, config, tokenizer), [], 0, False)
 
     def _setup(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: HCConfig, context_id: str,
-               cache: HCCache, token_ids: list[int], tokens_prefilled: int, turn_open: bool) -> None:
+               cache: HCCache, token_ids: list[int], tokens_prefilled: int, turn_open: bool,
+               metadata: dict[str, Any] | None = None) -> None:
         """Every field a context has; ``__init__`` starts empty, ``from_state`` and ``fork`` start filled."""
         self.model, self.tokenizer, self.config, self.context_id = model, tokenizer, config, context_id
         self.cache = cache
@@ -78,6 +88,8 @@ class HCContext:
         self.tokens_prefilled = tokens_prefilled
         self.turn_open = turn_open
         """True while appended documents sit in a user turn that a question will close."""
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        """Your own notes about this context (JSON-serializable); saved and loaded with it."""
         self._guard = CallGuard()
         self._closed: str | None = None
 
@@ -169,37 +181,78 @@ class HCContext:
                                    temperature=temperature, stop=stop, raw=raw))
 
     def stream(self, message: str, commit: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
-               stop: Sequence[str] | None = None, seed: int | None = None, raw: bool = False) -> Iterator[str]:
+               stop: Sequence[str] | None = None, seed: int | None = None, raw: bool = False) -> Generation:
         """Yield the answer's text as it is generated (``commit`` keeps the turn, like ``chat``).
 
-        Arguments are checked now; the context is held from the first piece until the generator
+        Arguments are checked now; the context is held from the first piece until the generation
         ends or is closed (a stream stopped early keeps nothing, even with ``commit=True``).
         """
         if not isinstance(message, str):
             raise TypeError(f"the question or message must be a string, not {type(message).__name__}")
         if not message.strip():
             raise ValueError("the question or message is empty")
-        return self._stream(message, commit, Sampling.of(max_new_tokens, temperature, stop, seed), raw)
+        sampling = Sampling.of(max_new_tokens, temperature, stop, seed)
+        return Generation(lambda gen: self._run(gen, "stream", lambda: self.token_ids + self._turn_ids(message, raw),
+                                                sampling, commit, keep_turn=raw))
 
-    def _stream(self, message: str, commit: bool, sampling: Sampling, raw: bool) -> Iterator[str]:
-        self._guard.acquire("stream")
+    def generate(self, prompt: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 stop: Sequence[str] | None = None, seed: int | None = None, timeout: float | None = None,
+                 commit: bool = True) -> Generation:
+        """Answer a whole prompt (token ids) sent again by a stateless caller — a chat history, a
+        document plus a question — reusing the longest prefix this context already holds.
+
+        Only the rest is prefilled; anything the context holds beyond the shared prefix is cropped
+        (inside the call's transaction, so a failed call changes nothing).  With ``commit`` the
+        prompt and the answer become the context, so the next turn (history + answer + new
+        message) is served from it.  The ``Generation`` reports ``tokens_reused`` and
+        ``tokens_prefilled``.
+        """
+        ids = self._prompt_ids(prompt)
+        sampling = Sampling.of(max_new_tokens, temperature, stop, seed, timeout)
+        return Generation(lambda gen: self._run(gen, "generate", lambda: ids, sampling, commit, keep_turn=False))
+
+    def _prompt_ids(self, prompt: Sequence[int]) -> list[int]:
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple, torch.Tensor)):
+            raise TypeError(f"generate() takes the prompt as token ids (a list of ints), not {type(prompt).__name__}; "
+                            "tokenize text with the context's tokenizer first")
+        ids, is_text = self._tokenize(prompt)
+        if is_text:
+            raise TypeError("generate() takes the prompt as token ids, not strings; tokenize text first")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's window of {limit}; shorten it "
+                             "or use a bounded preset over appended text")
+        return ids
+
+    def _run(self, gen: GenerationInfo, call: str, prompt: Callable[[], list[int]], sampling: Sampling, commit: bool,
+             keep_turn: bool) -> Iterator[str]:
+        """The one answering path: reuse the shared prefix, prefill the rest, decode, commit or roll back."""
+        self._guard.acquire(call)
         try:
             self._check_live()
+            ids = prompt()
+            common = min(_shared_prefix(self.token_ids, ids), len(ids) - 1)  # >= 1 token gives the logits
+            gen.context_id, gen.prompt_tokens = self.context_id, len(ids)
+            gen.tokens_reused, gen.tokens_prefilled = common, len(ids) - common
             with self.cache.transaction(commit=commit):
-                prompt = self._turn_ids(message, raw)
-                pieces = decode(self.model, self.tokenizer, self.cache, self._prefill(prompt), sampling)
+                self.cache.crop(common)
+                pieces = decode(self.model, self.tokenizer, self.cache, self._prefill(ids[common:]), sampling)
                 while True:
                     try:
                         piece = next(pieces)
                     except StopIteration as done:
-                        generated = done.value
+                        generated, gen.finish_reason = done.value
                         break
                     yield piece
                     self._guard.resumed()
+            gen.completion_tokens = len(generated)
             if commit:
-                self.token_ids.extend(prompt + generated)
-                self.tokens_prefilled += len(prompt)
-                self.turn_open = self.turn_open and raw
+                del self.token_ids[common:]
+                self.token_ids.extend(ids[common:] + generated)
+                self.tokens_prefilled = min(self.tokens_prefilled, common) + len(ids) - common
+                self.turn_open = self.turn_open and keep_turn
         finally:
             self._guard.release()
 
@@ -236,8 +289,24 @@ class HCContext:
             self._check_live()
             twin = object.__new__(HCContext)
             twin._setup(self.model, self.tokenizer, self.config, context_id, self.cache.fork(), list(self.token_ids),
-                        self.tokens_prefilled, self.turn_open)
+                        self.tokens_prefilled, self.turn_open, self.metadata)
             return twin
+
+    def truncate(self, tokens: int) -> None:
+        """Forget everything after the first ``tokens`` tokens (exact for unbounded presets; a bounded
+        one keeps its kept rows before that point).  The chat framing restarts: the next text
+        appended or asked opens a new user turn."""
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            raise TypeError(f"tokens must be an int, not {type(tokens).__name__}")
+        with self._guard.hold("truncate"):
+            self._check_live()
+            if not 0 <= tokens <= len(self.token_ids):
+                raise ValueError(f"tokens={tokens} is outside [0, {len(self.token_ids)}] for this context")
+            if tokens < len(self.token_ids):
+                self.cache.crop(tokens)
+                del self.token_ids[tokens:]
+                self.tokens_prefilled = min(self.tokens_prefilled, tokens)
+                self.turn_open = False
 
     def stats(self) -> ContextStats:
         with self._guard.hold("stats"):
@@ -271,7 +340,8 @@ class HCContext:
         model_fp, tokenizer_fp = fingerprints(self.model, self.tokenizer)
         name = getattr(self.model.config, "_name_or_path", "") or self.model.config.model_type
         return ContextState(self.context_id, self.config, list(self.token_ids), self.tokens_prefilled,
-                            self.turn_open, layers, tensors, model_fp, tokenizer_fp, name)
+                            self.turn_open, layers, tensors, model_fp, tokenizer_fp, name,
+                            json.loads(json.dumps(self.metadata)))
 
     def spill(self, save: Callable[[ContextState], Any], blocking: bool = True) -> bool:
         """Hand the state to ``save`` and close this context, as one step no other call can
@@ -304,7 +374,7 @@ class HCContext:
             raise inconsistent(where, exc) from exc
         ctx = object.__new__(cls)
         ctx._setup(model, tokenizer, state.config, state.context_id, cache, list(state.token_ids),
-                   state.tokens_prefilled, state.turn_open)
+                   state.tokens_prefilled, state.turn_open, state.metadata)
         return ctx
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -8,8 +8,10 @@ generator's return value, so a caller that commits the turn knows exactly what t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +28,8 @@ class Sampling:
     temperature: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    timeout: float | None = None
+    """Seconds of decoding after which the answer ends where it is (``finish_reason="timeout"``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
@@ -38,11 +42,79 @@ class Sampling:
             raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise TypeError(f"seed must be an int or None, not {type(self.seed).__name__}")
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not self.timeout > 0):
+            raise ValueError(f"timeout={self.timeout!r} must be None or a number of seconds > 0")
 
     @classmethod
-    def of(cls, max_new_tokens: int, temperature: float, stop: Sequence[str] | None, seed: int | None = None
-           ) -> "Sampling":
-        return cls(max_new_tokens, temperature, stop_strings(stop), seed)
+    def of(cls, max_new_tokens: int, temperature: float, stop: Sequence[str] | None, seed: int | None = None,
+           timeout: float | None = None) -> "Sampling":
+        return cls(max_new_tokens, temperature, stop_strings(stop), seed, timeout)
+
+
+@dataclass
+class GenerationInfo:
+    """What producing one answer cost; filled in as it runs."""
+
+    context_id: str = ""
+    prompt_tokens: int = 0
+    tokens_reused: int = 0
+    """Prompt tokens served from the live state."""
+    tokens_prefilled: int = 0
+    """Prompt tokens computed for this call."""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    """``stop``, ``length`` or ``timeout``."""
+    seconds: float = 0.0
+    finalizers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def finish(self) -> None:
+        """Run the finalizers, once, however the generation ended (or if it never started)."""
+        finalizers, self.finalizers = self.finalizers, []
+        for finalizer in finalizers:
+            finalizer()
+
+
+def _timed(run: Callable[[GenerationInfo], Iterator[str]], info: GenerationInfo) -> Iterator[str]:
+    started = time.perf_counter()
+    try:
+        yield from run(info)
+    finally:
+        info.seconds = time.perf_counter() - started
+        info.finish()
+
+
+class Generation:
+    """One answer as it is produced: iterate for its text pieces; ``info`` says what it cost.
+
+    ``tokens_reused`` and ``tokens_prefilled`` are known once the first piece arrives,
+    ``completion_tokens`` and ``finish_reason`` once it is finished.  Closing it early (or dropping
+    it) ends the call and releases the context at once: nothing in here refers back to this object,
+    so dropping it frees it immediately, without waiting for the garbage collector.
+    """
+
+    def __init__(self, run: Callable[[GenerationInfo], Iterator[str]]) -> None:
+        self.info = GenerationInfo()
+        self._pieces = _timed(run, self.info)
+        weakref.finalize(self, self.info.finish)  # a generation dropped before its first piece
+
+    def on_close(self, finalizer: Callable[[], None]) -> None:
+        """Run ``finalizer`` once the generation has finished or was closed."""
+        self.info.finalizers.append(finalizer)
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.info.finish()
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        return "".join(self)
 
 
 def stop_strings(stop: Sequence[str] | None) -> tuple[str, ...]:
@@ -71,9 +143,11 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
            sampling: Sampling) -> Iterator[str]:
     """Decode into ``cache`` from ``logits`` (the last prompt position's), yielding new text.
 
-    Returns the ids fed to the cache, ending with the end-of-turn token when the model produced
-    one (fed too, so a committed turn is closed the way the chat format expects).
+    Returns ``(ids, finish_reason)``: the ids fed to the cache, ending with the end-of-turn token
+    when the model produced one (fed too, so a committed turn is closed the way the chat format
+    expects), and why it ended (``stop``, ``length`` or ``timeout``).
     """
+    deadline = None if sampling.timeout is None else time.perf_counter() + sampling.timeout
     stop_ids = stop_token_ids(model, tokenizer)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     device = next(model.parameters()).device
@@ -89,14 +163,16 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
         logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
                        **cache_kwarg(model, cache)).logits[:, -1]
         if token in stop_ids:
-            break
+            return generated, "stop"
         text = tokenizer.decode(generated, skip_special_tokens=True)
         hit = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
         if hit >= 0:
             if hit > len(emitted):
                 yield text[len(emitted):hit]
-            break
+            return generated, "stop"
         if len(text) > len(emitted) and not text.endswith("\ufffd"):
             yield text[len(emitted):]
             emitted = text
-    return generated
+        if deadline is not None and time.perf_counter() > deadline:
+            return generated, "timeout"
+    return generated, "length"

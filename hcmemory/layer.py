@@ -49,8 +49,11 @@ class _Transaction:
     seen: int
     counters: tuple[int, int, int]
     mass: RowBuffer | None
+    floor: int = 0
+    """Rows at positions below this existed at ``begin`` and are still there unless logged in
+    ``dropped``; ``seen`` at first, lowered by a crop (rows appended after it start at its point)."""
     dropped: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    """Rows that existed at ``begin`` and were evicted since, per store (positions included)."""
+    """Rows that existed at ``begin`` and were evicted or cropped since, per store (positions included)."""
 
 
 class HCLayer(CacheLayerMixin):
@@ -58,7 +61,7 @@ class HCLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, config: HCConfig, heads: int, dim: int, device: torch.device, dtype: torch.dtype,
                  index: int = 0) -> None:
@@ -250,7 +253,7 @@ class HCLayer(CacheLayerMixin):
         if txn is not None:
             dropped = torch.ones(len(self), dtype=torch.bool)
             dropped[index.to(HOST)] = False
-            dropped &= self.positions.view()[0] < txn.seen
+            dropped &= self.positions.view()[0] < txn.floor
             if bool(dropped.any()):
                 rows = dropped.nonzero().flatten()
                 txn.dropped.append({name: store.take(rows) for name, store in self._stores().items()})
@@ -261,7 +264,7 @@ class HCLayer(CacheLayerMixin):
     def begin(self) -> None:
         self._require_no_transaction("begin a transaction")
         self._txn = _Transaction(len(self), self.seen, (self.selected_rows, self.selectable_rows, self.last_selected),
-                                 None if self.mass is None else self.mass.fork())
+                                 None if self.mass is None else self.mass.fork(), floor=self.seen)
 
     def commit(self) -> None:
         self._txn = None
@@ -276,7 +279,7 @@ class HCLayer(CacheLayerMixin):
             for store in self._stores().values():
                 store.truncate(txn.rows)
         else:  # merge the surviving old rows with the evicted ones, back in position order
-            survivors = int((self.positions.view()[0] < txn.seen).sum())
+            survivors = int((self.positions.view()[0] < txn.floor).sum())
             kept = torch.arange(survivors)
             merged = {name: torch.cat([store.take(kept)] + [d[name] for d in txn.dropped], dim=1)
                       for name, store in self._stores().items()}
@@ -287,6 +290,21 @@ class HCLayer(CacheLayerMixin):
             self.mass = txn.mass
         self.seen = txn.seen
         self.selected_rows, self.selectable_rows, self.last_selected = txn.counters
+
+    def crop(self, tokens: int) -> None:
+        """Forget every token at position ``tokens`` and beyond.  Rows are kept in position order, so
+        the rows that stay are a prefix; on a bounded layer they are the kept rows below that
+        position.  Inside a transaction the cropped rows are logged and come back on rollback."""
+        if tokens >= self.seen:
+            return
+        index = torch.arange(int((self.positions.view()[0] < tokens).sum()))
+        if self._txn is not None:
+            self._keep(index)
+            self._txn.floor = min(self._txn.floor, tokens)
+        else:
+            for store in self._all_stores().values():
+                store.truncate(len(index))
+        self.seen = tokens
 
     @property
     def in_transaction(self) -> bool:

@@ -224,6 +224,16 @@ class ContextStore:
                               "id": header.get("checkpoint_id"), "bytes": stored})
         return sorted(found, key=lambda item: str(item["created"]))
 
+    def token_ids(self, context_id: str, tag: str | None = None) -> list[int]:
+        """The token ids a checkpoint holds, read from its header alone (no tensor is read)."""
+        check_id(context_id)
+        tag = _tag(tag)
+        with self._lock, self._database_errors():
+            ids = self._header(context_id, tag).get("token_ids")
+        if not isinstance(ids, list):
+            raise CheckpointError(f"{self.path} [{context_id!r}, tag {tag!r}]: the checkpoint header has no token ids")
+        return ids
+
     def exists(self, context_id: str, tag: str | None = None) -> bool:
         """Whether a checkpoint is stored under ``(context_id, tag)``."""
         check_id(context_id)

@@ -23,8 +23,9 @@ def tiny_model(family: str, **overrides) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The embedded default model (downloaded and converted once, cached under HCMEMORY_HOME)."""
-    from hcmemory import load_model
+    """The embedded default model (downloaded and converted once, cached under HCMEMORY_HOME), the same
+    objects the integrations' engines use."""
+    from hcmemory.models import shared_model
 
-    model, tokenizer = load_model()
+    model, tokenizer = shared_model()
     return model.eval(), tokenizer

@@ -213,7 +213,7 @@ def _heatmaps(cells: list[dict[str, Any]], out: Path, plt: Any) -> Path:
     return path
 
 
-def report(out: Path, output: Path | None = None) -> Path:
+def write_report(out: Path, output: Path | None = None) -> Path:
     """Write ``results.json`` and ``RESULTS.md`` (to ``output`` if given, plots copied beside it)."""
     out = Path(out)
     cells = load_cells(out)

@@ -3,7 +3,7 @@ default, and fingerprints that tie a stored state to the weights and tokenizer t
 
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 from .gguf import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model, is_converted
-from .loading import SUPPORTED_MODEL_TYPES, check_model, check_tokenizer, load_model
+from .loading import SUPPORTED_MODEL_TYPES, check_model, check_tokenizer, load_model, shared_model
 
 __all__ = ["DEFAULT_MODEL_NAME", "SUPPORTED_MODEL_TYPES", "check_model", "check_tokenizer", "default_model_dir",
-           "ensure_default_model", "is_converted", "load_model", "model_fingerprint", "tokenizer_fingerprint"]
+           "ensure_default_model", "is_converted", "load_model", "model_fingerprint", "shared_model", "tokenizer_fingerprint"]

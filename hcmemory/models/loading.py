@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,20 @@ post-RoPE keys and one ``scaling`` argument, which is what ``hcmemory.glue`` rep
 ``tests/test_models.py`` checks each of them with a probe attention function."""
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+_shared: dict[tuple[str, str | None, str | None], tuple[Any, Any]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_model(name_or_path: str | os.PathLike[str] | None = None, dtype: torch.dtype | None = None,
+                 device: str | None = None) -> tuple[Any, Any]:
+    """``load_model``, once per process for each (path, dtype, device): integrations that name the
+    same model share its weights instead of loading them again."""
+    key = (str(Path(name_or_path).expanduser().resolve()) if name_or_path is not None else "",
+           None if dtype is None else str(dtype), device)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = load_model(name_or_path, dtype, device)
+        return _shared[key]
 
 
 def check_model(model: Any, where: str = "model") -> None:

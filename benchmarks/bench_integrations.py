@@ -1,0 +1,116 @@
+"""Prefix reuse through the frameworks, against the same calls with reuse off.
+
+* LCEL chain, six questions over the 5.7K-token demo document: share of each prompt served from the
+  live state and seconds per question, with reuse and with a fresh context per call (re-prefilling).
+* LlamaIndex: ``HCQueryEngine`` vs stock ``SummaryIndex(...).as_query_engine(llm=HCAttentionLlamaLLM())``
+  with and without reuse: answers found and total time.
+* A three-turn chat through ``ChatHCAttention``: tokens prefilled vs the tokens of all messages and answers.
+
+Run: ``python -m benchmarks.bench_integrations`` (results in ``benchmarks/results/integrations.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+from hcmemory.cli import demo_document
+
+from .common import print_table, write_results
+
+MAX_NEW = 24
+
+
+def lcel(document: str, questions: list[dict[str, str]]) -> list[dict]:
+    from langchain_core.prompts import PromptTemplate
+
+    from hcmemory.integrations.langchain import HCAttentionLLM
+
+    prompt = PromptTemplate.from_template("{document}\n\nAnswer from the document above. Question: {question}")
+    rows = []
+    for reuse in (True, False):
+        conversation = f"lcel-{uuid.uuid4().hex}"
+        for i, qa in enumerate(questions):
+            llm = HCAttentionLLM(max_tokens=MAX_NEW, context_id=conversation if reuse else uuid.uuid4().hex)
+            started = time.perf_counter()
+            result = llm.generate([prompt.format(document=document, question=qa["question"])])
+            seconds = time.perf_counter() - started
+            gen = result.generations[0][0]
+            info = gen.generation_info
+            total = info["tokens_reused"] + info["tokens_prefilled"]
+            rows.append({"bench": "lcel", "reuse": reuse, "question": i + 1, "seconds": seconds,
+                         "reused_share": info["tokens_reused"] / total, "tokens_prefilled": info["tokens_prefilled"],
+                         "found": qa["answer"].lower() in gen.text.lower()})
+    return rows
+
+
+def llamaindex(document: str, questions: list[dict[str, str]]) -> list[dict]:
+    from llama_index.core import Document, SummaryIndex
+
+    from hcmemory.integrations.llamaindex import HCAttentionLlamaLLM, HCQueryEngine
+
+    rows = []
+    started = time.perf_counter()
+    engine = HCQueryEngine.from_documents([Document(text=document)], max_new_tokens=MAX_NEW)
+    answers = [str(engine.query(qa["question"])) for qa in questions]
+    rows.append(_llama_row("HCQueryEngine", started, answers, questions))
+    for reuse in (True, False):
+        started, answers = time.perf_counter(), []
+        for qa in questions:
+            llm = HCAttentionLlamaLLM(max_new_tokens=MAX_NEW, context_id=None if reuse else uuid.uuid4().hex)
+            stock = SummaryIndex.from_documents([Document(text=document)]).as_query_engine(llm=llm)
+            answers.append(str(stock.query(qa["question"])))
+        rows.append(_llama_row(f"SummaryIndex + HCAttentionLlamaLLM, reuse {'on' if reuse else 'off'}", started,
+                               answers, questions))
+    return rows
+
+
+def _llama_row(name: str, started: float, answers: list[str], questions: list[dict[str, str]]) -> dict:
+    found = sum(qa["answer"].lower() in a.lower() for a, qa in zip(answers, questions))
+    return {"bench": "llamaindex", "engine": name, "found": found, "questions": len(questions),
+            "seconds": time.perf_counter() - started}
+
+
+def chat() -> list[dict]:
+    from langchain_core.messages import HumanMessage
+
+    from hcmemory.integrations.langchain import ChatHCAttention
+
+    model = ChatHCAttention(max_tokens=MAX_NEW, context_id=f"chat-{uuid.uuid4().hex}")
+    history, prefilled, decoded = [], 0, 0
+    for message in ("Hello! I am planning a trip to Bergen in May.", "What should I pack for the weather?",
+                    "And which museum should I visit first?"):
+        history.append(HumanMessage(message))
+        reply = model.invoke(history)
+        prefilled += reply.response_metadata["tokens_prefilled"]
+        decoded += reply.usage_metadata["output_tokens"]
+        history.append(reply)
+    rendered = model.engine().message_ids([{"role": "user" if i % 2 == 0 else "assistant", "content": m.content}
+                                           for i, m in enumerate(history)])
+    return [{"bench": "chat", "turns": 3, "tokens_prefilled": prefilled, "tokens_decoded": decoded,
+             "conversation_tokens": len(rendered)}]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--questions", type=int, default=6)
+    args = parser.parse_args(argv)
+    document, questions = demo_document()
+    questions = questions[:args.questions]
+    rows = lcel(document, questions)
+    print_table(rows, ["reuse", "question", "seconds", "reused_share", "tokens_prefilled", "found"],
+                "LCEL chain over the demo document")
+    write_results("integrations", rows)
+    rows += llamaindex(document, questions)
+    write_results("integrations", rows)
+    rows += chat()
+    print_table([r for r in rows if r["bench"] == "llamaindex"], ["engine", "found", "questions", "seconds"],
+                "LlamaIndex over the demo document")
+    print_table([r for r in rows if r["bench"] == "chat"], ["turns", "tokens_prefilled", "tokens_decoded",
+                                                              "conversation_tokens"], "Three-turn chat")
+    print(f"results: {write_results('integrations', rows)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The evaluation harness: tasks that cannot be passed by luck, scorers, methods on equal terms, resumable
+cells, and reports with honest intervals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hcmemory import cache_kwarg
+from hcmemory.eval import report as report_module  # the module (hcmemory.eval exports write_report)
+from hcmemory.eval.methods import PressMethod, parse_method, record, tensor_bytes
+from hcmemory.eval.runner import Plan, run
+from hcmemory.eval.tasks import TASKS, Question, make_case, normalize, score
+
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2[1]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [1024, 3000])
+def test_cases_are_deterministic_and_sized(tokenizer, task, length):
+    a, b = make_case(task, length, 3, tokenizer), make_case(task, length, 3, tokenizer)
+    assert a == b, "the same seed gives the same case"
+    assert make_case(task, length, 4, tokenizer).context != a.context
+    tokens = len(tokenizer(a.context, add_special_tokens=False).input_ids)
+    assert 0.9 * length <= tokens <= 1.1 * length
+    assert a.questions and all(q.answers for q in a.questions)
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "cwe"])
+def test_every_answer_occurs_exactly_once(tokenizer, task):
+    for seed in range(6):  # every filler kind, logs (digits everywhere) included
+        case = make_case(task, 2048, seed, tokenizer)
+        for q in case.questions:
+            for answer in q.answers:
+                if task == "vt":  # variables are named twice (assigned, then read); each assignment once
+                    assert case.context.count(f"VAR {answer} =") == 1
+                else:
+                    assert case.context.count(answer) == 1, (case.key, answer)
+
+
+def test_cwe_answers_are_the_most_frequent_words(tokenizer):
+    case = make_case("cwe", 2048, 0, tokenizer)
+    words = [line.split(". ", 1)[1] for line in case.context.splitlines()[1:]]
+    counts = sorted(((words.count(w), w) for w in set(words)), reverse=True)
+    assert {w for _, w in counts[:5]} == set(case.questions[0].answers)
+    assert counts[4][0] > 2 * counts[5][0]
+
+
+def test_questions_are_phrased_differently_from_their_needles(tokenizer):
+    cases = [make_case("single", 1024, seed, tokenizer) for seed in range(12)]
+    assert len({c.questions[0].text.split(" the ")[0] for c in cases}) >= 3, "several question phrasings"
+    assert len({c.filler for c in cases}) == 4
+    kinds = {("-" in c.questions[0].answers[0], c.questions[0].answers[0].isdigit()) for c in cases}
+    assert len(kinds) == 3, "numbers, words and codes"
+
+
+def test_scores_are_inclusion_after_normalisation():
+    q = Question("?", ("7f3a-91c2",))
+    assert score("The code is 7F3A 91C2.", q) == 1.0 and score("7f3a", q) == 0.0
+    assert score("1,234,567", Question("?", ("1234567",))) == 1.0
+    assert score("apple and river", Question("?", ("apple", "river", "candle", "window"))) == 0.5
+    assert normalize("Tromsø!") == "tromsø"
+
+
+def test_method_specs():
+    hc = parse_method("hc-12.5:top_p=0.99,selection_aggregate=union")
+    assert hc.config.top_p == 0.99 and hc.config.selection_aggregate == "union"
+    assert parse_method("kvpress:SnapKV@0.4").bytes_ratio == 0.4
+    with pytest.raises(ValueError, match="known"):
+        parse_method("kvpress:Nope@0.1")
+    with pytest.raises(ValueError, match="preset"):
+        parse_method("hc-3")
+
+
+def test_full_method_is_a_plain_dynamic_cache_prefill():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    rec = record(model, ids[0].tolist())
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.model(input_ids=ids, **cache_kwarg(model, cache))
+    for layer, k, v in zip(cache.layers, rec.keys, rec.values):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert len(rec.hidden) == 2 and all(h.shape == (1, 40, 64) for h in rec.hidden)
+    assert tensor_bytes(rec.keys[0]) == rec.keys[0].numel() * 4
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("press", ["SnapKV", "StreamingLLM", "Knorm", "ExpectedAttention", "TOVA"])
+def test_replayed_presses_equal_kvpress_own_compression(press):
+    """Presses replayed on the recorded prefill keep exactly the rows kvpress's hooks keep."""
+    kvpress = pytest.importorskip("kvpress")
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
+    method = PressMethod(press, 0.25)
+    replayed = method.build(model, record(model, ids[0].tolist()))
+    cache = DynamicCache(config=model.config)
+    own = getattr(kvpress, f"{press}Press")(compression_ratio=1 - 0.25 * 2 / 4)
+    with torch.no_grad(), own(model):
+        model.model(input_ids=ids, **cache_kwarg(model, cache))
+    for ours, theirs in zip(replayed.layers, cache.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys)
+        torch.testing.assert_close(ours.values, theirs.values)
+
+
+def _cell(method, task, length, seed, scores, device=0.5, total=0.5):
+    return {"method": method, "task": task, "length": length, "seed": seed, "context_tokens": length, "seconds": 1.0,
+            "memory": {"device_ratio": device, "total_ratio": total, "selected_fraction": None},
+            "questions": [{"question": "?", "answers": ["x"], "depth": 0.5, "answer": "", "score": s} for s in scores]}
+
+
+def test_report_task_average_and_paired_interval(tmp_path):
+    cells = [_cell("full", "single", 1024, 0, [1, 1, 0, 1]), _cell("full", "qa", 1024, 0, [1, 0]),
+             _cell("hc", "single", 1024, 0, [1, 1, 0, 1]), _cell("hc", "qa", 1024, 0, [1, 0]),
+             _cell("bad", "single", 1024, 0, [0, 0, 0, 0]), _cell("bad", "qa", 1024, 0, [0, 0])]
+    rows = {(r["method"], r["length"]): r for r in report_module.summarize(cells)}
+    assert rows[("full", 1024)]["accuracy"] == pytest.approx((0.75 + 0.5) / 2), "mean over tasks, not questions"
+    assert rows[("hc", 1024)]["delta"] == 0 and rows[("hc", 1024)]["delta_low"] == rows[("hc", 1024)]["delta_high"] == 0
+    assert rows[("bad", 1024)]["delta_high"] < 0
+    low, high = rows[("full", 1024)]["ci_low"], rows[("full", 1024)]["ci_high"]
+    assert low < rows[("full", 1024)]["accuracy"] < high
+    for cell in cells:
+        path = tmp_path / "cells" / cell["method"] / f"{cell['task']}-{cell['length']}-{cell['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+    text = report_module.write_report(tmp_path).read_text()
+    assert "| full | 50.0 % | 50.0 % | 62.5" in text and "Δ vs full" in text
+
+
+def test_a_run_is_cached_per_cell_and_resumes(tmp_path, monkeypatch):
+    plan = Plan(methods=["full", "hc-12.5"], tasks=["single"], lengths=[512], questions=1, out=tmp_path)
+    run(plan)
+    cells = sorted((tmp_path / "cells").rglob("*.json"))
+    assert [c.parent.name for c in cells] == ["full", "hc-12.5"]
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    calls = []
+    monkeypatch.setattr("hcmemory.eval.runner.record", lambda *a: calls.append(a))
+    run(plan)  # nothing left to do: no prefill at all
+    assert not calls and [c.stat().st_mtime_ns for c in cells] == stamps
+    data = json.loads(cells[0].read_text())
+    assert data["questions"][0]["answers"] and 0 <= data["questions"][0]["score"] <= 1
+    assert data["memory"]["total_ratio"] == pytest.approx(2.0, rel=0.01), "a float32 DynamicCache holds 2x fp16"
