@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from hcmemory import HCContext, load_model
-from hcmemory.cli import demo_document
+from hcmemory.demo import demo_document
 from hcmemory.prefill import prefill
 from hcmemory.store import ContextStore
 

@@ -15,7 +15,7 @@ import argparse
 import time
 import uuid
 
-from hcmemory.cli import demo_document
+from hcmemory.demo import demo_document
 
 from .common import print_table, write_results
 

@@ -6,7 +6,7 @@ import time
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import PromptTemplate
 
-from hcmemory.cli import demo_document
+from hcmemory.demo import demo_document
 from hcmemory.integrations.langchain import HCAttentionLLM
 
 document, questions = demo_document()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llama_index.core import SimpleDirectoryReader
 
-from hcmemory.cli import demo_document
+from hcmemory.demo import demo_document
 from hcmemory.integrations.llamaindex import HCQueryEngine
 
 folder = Path(sys.argv[1]) if len(sys.argv) > 1 else None

@@ -1,7 +1,7 @@
 """Load the embedded model, give a context a document once, ask several questions from it."""
 
 from hcmemory import HCContext, load_model
-from hcmemory.cli import demo_document
+from hcmemory.demo import demo_document
 
 model, tokenizer = load_model()
 document, questions = demo_document()

@@ -1,100 +1,18 @@
-"""``hcmemory demo``: a long document into a live context, questions answered from it, and the
-memory/speed of the preset next to a full transformers cache on the same text."""
+"""The ``hcmemory`` command: ``demo`` (what the memory is for), ``eval`` (accuracy of KV-cache methods
+on RULER-style tasks, resumable) and ``report`` (tables, intervals and plots of an eval run)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
-from importlib import resources
 from pathlib import Path
 
-import torch
-from transformers import DynamicCache
-
 from .config import HCConfig
-from .context import HCContext
-from .models import load_model
-from .glue import cache_kwarg
-from .prefill import prefill
-
-DEMO_PRESET = "hc-12.5"
-DECODE_STEPS = 32
-
-
-def demo_document() -> tuple[str, list[dict[str, str]]]:
-    data = resources.files("hcmemory.data")
-    questions = json.loads(data.joinpath("demo_questions.json").read_text(encoding="utf-8"))
-    return data.joinpath("demo_document.txt").read_text(encoding="utf-8"), questions
-
-
-@torch.no_grad()
-def _decode_speed(model: torch.nn.Module, cache, logits: torch.Tensor, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = logits.argmax(-1, keepdim=True)
-        logits = model(input_ids=token, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
-    return steps / (time.perf_counter() - start)
-
-
-def _full_cache_row(model: torch.nn.Module, ids: torch.Tensor, chunk_size: int) -> dict[str, float]:
-    """transformers' DynamicCache on the same tokens: the reference for memory and speed."""
-    cache = DynamicCache(config=model.config)
-    start = time.perf_counter()
-    logits = prefill(model, cache, ids, chunk_size)
-    prefill_s = time.perf_counter() - start
-    decode = _decode_speed(model, cache, logits, DECODE_STEPS)
-    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"prefill_tok_s": ids.shape[1] / prefill_s, "decode_tok_s": decode, "device_bytes": kv, "host_bytes": 0}
-
-
-def _print_table(rows: dict[str, dict[str, float]], tokens: int) -> None:
-    print(f"\nKV state for {tokens} tokens of context")
-    print(f"{'cache':<24}{'next to model':>15}{'host':>12}{'prefill tok/s':>15}{'decode tok/s':>14}")
-    for name, r in rows.items():
-        print(f"{name:<24}{r['device_bytes'] / 2**20:>12.2f} MB{r['host_bytes'] / 2**20:>9.2f} MB"
-              f"{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}")
-
-
-def demo(preset: str, model_path: str | None, max_new_tokens: int) -> int:
-    model, tokenizer = load_model(model_path)
-    config = HCConfig.preset(preset)
-    document, questions = demo_document()
-    ctx = HCContext(model, tokenizer, config)
-    start = time.perf_counter()
-    added = ctx.append(document, progress=True)
-    prefill_s = time.perf_counter() - start
-    print(f"appended {added} tokens with preset {preset!r} in {prefill_s:.1f} s")
-
-    correct = 0
-    for qa in questions:
-        answer = ctx.ask(qa["question"], max_new_tokens=max_new_tokens).strip()
-        ok = qa["answer"].lower() in answer.lower()
-        correct += ok
-        print(f"[{'ok' if ok else '--'}] Q: {qa['question']}\n     A: {answer}")
-    print(f"{correct}/{len(questions)} answers contain the expected fact")
-
-    stats = ctx.stats()
-    ids = torch.tensor([ctx.token_ids])
-    with ctx.cache.transaction(commit=False):  # decode speed measured in an overlay: the context stays as it is
-        logits = prefill(model, ctx.cache, torch.tensor([ctx.token_ids[-1:]]))
-        decode = _decode_speed(model, ctx.cache, logits, DECODE_STEPS)
-    rows = {
-        f"HCCache {preset}": {"prefill_tok_s": added / prefill_s, "decode_tok_s": decode,
-                              "device_bytes": stats.device_bytes, "host_bytes": stats.host_bytes},
-        "DynamicCache (full)": _full_cache_row(model, ids, config.chunk_size),
-    }
-    _print_table(rows, added)
-    if stats.selected_fraction is not None:
-        print(f"rows read per step (top-p selection): {stats.selected_fraction:.1%} of compressed rows")
-    print(f"next-to-model bytes vs full fp16 KV: {stats.device_ratio:.1%}")
-    return 0
+from .demo import DEMO_PRESET, demo
+from .eval import STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, run, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .eval import STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, run, write_report
-
     parser = argparse.ArgumentParser(prog="hcmemory", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -19,7 +19,7 @@ CHOICES: dict[str, tuple] = {
     "vq_subvector_dim": (1, 2, 4, 8),
     "vq_codebook": ("layer", "head", "group"),
     "calibration": ("shipped", "context"),
-    "rescore_keys": ("fp16", "int8", "none"),
+    "rescore_keys": ("fp16", "int8", "int4", "int2", "none"),
     "value_codec": ("none", "fp16", "bf16", "int8", "int4", "int2"),
     "value_placement": ("host", "device"),
     "eviction": ("none", "hc", "h2o", "streaming", "window"),

@@ -90,9 +90,12 @@ def _claim(kwargs: dict[str, Any], key: torch.Tensor, module: torch.nn.Module) -
 
 
 def hc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The registered attention function: HCAttention for HCCache layers, SDPA for anything else."""
+    """The registered attention function: HCAttention for HCCache layers, SDPA for anything else.
+
+    Same parameter order as transformers' own attention functions, so wrappers that pass
+    ``dropout`` positionally (kvpress patches every registered function) call it correctly."""
     layer = _claim(kwargs, key, module)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

@@ -97,6 +97,22 @@ def test_a_layer_whose_attention_never_ran_stops_the_forward():
         cache.update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), 1)
 
 
+@pytest.mark.core
+def test_attention_wrappers_that_pass_dropout_positionally_still_work(monkeypatch):
+    """kvpress wraps every registered attention function as ``f(module, q, k, v, mask, dropout, **kw)``."""
+    from transformers import AttentionInterface
+
+    model = tiny_model("llama")
+    HCCache(model)  # registers hcattention
+    inner = AttentionInterface._global_mapping["hcattention"]
+    monkeypatch.setitem(AttentionInterface._global_mapping, "hcattention",
+                        lambda module, q, k, v, mask, dropout, **kw: inner(module, q, k, v, mask, dropout, **kw))
+    ids = random_ids(40, model.config.vocab_size)
+    reference, _ = run(model, DynamicCache(config=model.config), ids, steps=4, chunk_size=40)
+    got, _ = run(model, HCCache(model, HCConfig(eviction="h2o", budget=200)), ids, steps=4, chunk_size=16)
+    assert_close(got, reference)
+
+
 SLIDING = [("mistral", dict(sliding_window=16)), ("phi3", dict(sliding_window=16)),
            ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1))]
 

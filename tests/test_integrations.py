@@ -223,6 +223,7 @@ def test_stock_llamaindex_engine_reuses_the_prompt_prefix():
 AGENT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
+    from hcmemory.integrations.langchain import ChatHCAttention
     from hcmemory.integrations.langgraph import Tools, run
     workdir, file, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -232,8 +233,9 @@ AGENT = textwrap.dedent("""
         if info["step"] == stop_after:
             time.sleep(600)  # the parent kills us here, between two steps of the loop
 
-    run("Which page mentions the summit altitude?", "thread-1", workdir, Tools(Path(file), page_chars=500),
-        max_steps=5, on_step=on_step)
+    chat = ChatHCAttention(store=str(Path(workdir) / "kv.sqlite"), max_tokens=16)
+    run("Which page mentions the summit altitude?", "thread-1", workdir, Tools(Path(file), page_chars=300),
+        chat=chat, max_steps=3, on_step=on_step)
     print("DONE", flush=True)
 """)
 
