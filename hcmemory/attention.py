@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
+from .kernels import top_p_impl
 from .selection import select_rows
 
 if TYPE_CHECKING:
@@ -159,7 +160,8 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
             approx = layer.approx_scores(q, sink_end, recent_start)
         if top_p < 1.0:
             probs = torch.softmax(approx * scaling, dim=-1)
-            chosen = select_rows(probs, top_p, config.selection_aggregate, layer.last_selected, config.min_selected)
+            chosen = select_rows(probs, top_p, config.selection_aggregate, layer.last_selected, config.min_selected,
+                                 top_p_impl(probs, config.kernel))
             layer.record_selection(chosen.shape[1], recent_start - sink_end)
             compressed = chosen.to(where) + sink_end
         else:

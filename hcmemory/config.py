@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple] = {
     "eviction": ("none", "hc", "h2o", "streaming", "window"),
     "selection_aggregate": ("mean", "max", "union"),
     "selection_scores": ("codes", "exact"),
+    "kernel": ("auto", "torch", "triton"),
 }
 """Allowed values of every field that takes one of a fixed set."""
 
@@ -110,6 +111,9 @@ class HCConfig:
     """Most rows kept per layer: an int, or a float in (0, 1] as a fraction of tokens seen."""
 
     # --- feeding ----------------------------------------------------------------------------
+    kernel: str = "auto"
+    """Which implementation scores codes and selects rows: ``auto`` (Triton on CUDA, torch elsewhere),
+    ``torch`` or ``triton`` (forced; on the CPU only under ``TRITON_INTERPRET=1``, for tests)."""
     chunk_size: int = 1024
     store_growth: int = 256
     """Row buffers grow by at least this many rows (amortized, never whole-cache copies per step)."""

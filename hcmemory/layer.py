@@ -38,6 +38,7 @@ from .codecs import IdentityCodec, LayerCodecs, codecs_for
 from .config import HCConfig
 from .eviction import EvictionPolicy, make_policy, rows_to_keep
 from .glue import hand_off
+from .kernels import approx_scores
 from .rows import CodedRows, RowBuffer
 
 HOST = torch.device("cpu")
@@ -203,7 +204,8 @@ class HCLayer(CacheLayerMixin):
 
     def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Approximate ``q·k`` for rows ``[start, stop)`` from the codes, next to the model."""
-        return self.key_codes.codec.score(queries.to(self.device, torch.float32), self.key_codes.codes(start, stop))
+        return approx_scores(self.key_codes.codec, queries.to(self.device, torch.float32),
+                             self.key_codes.codes(start, stop), self.config.kernel)
 
     def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor:
         return self._exact_key_store().gather_decoded(index).to(self.value_device)

@@ -15,6 +15,8 @@ tokens); ``aggregate`` says how their distributions become one choice per KV hea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -47,12 +49,14 @@ def top_p_select(mass: torch.Tensor, top_p: float, hint: int = 0, min_rows: int 
 
 
 def select_rows(probs: torch.Tensor, top_p: float, aggregate: str = "mean", hint: int = 0,
-                min_rows: int = 0) -> torch.Tensor:
-    """Indices ``(heads, k)`` chosen from the per-query distributions ``probs`` ``(heads, queries, n)``."""
+                min_rows: int = 0, top_p_impl: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Indices ``(heads, k)`` chosen from the per-query distributions ``probs`` ``(heads, queries, n)``;
+    ``top_p_impl`` replaces ``top_p_select`` (a GPU kernel, ``hcmemory.kernels``)."""
+    select = top_p_impl or top_p_select
     if aggregate == "mean":
-        return top_p_select(probs.mean(dim=1), top_p, hint, min_rows)
+        return select(probs.mean(dim=1), top_p, hint, min_rows)
     if aggregate == "max":
-        return top_p_select(probs.amax(dim=1), top_p, hint, min_rows)
+        return select(probs.amax(dim=1), top_p, hint, min_rows)
     if aggregate != "union":
         raise ValueError(f"aggregate={aggregate!r}; allowed: 'mean', 'max', 'union'")
     heads, _, n = probs.shape

@@ -178,6 +178,11 @@ class UniformCodec(Codec):
             raise ValueError(f"UniformCodec: rows must be (heads={self.heads}, n, dim={self.dim}), "
                              f"got {tuple(rows.shape)}")
 
+    def channel_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel axis: ``(shift, scale)``, each ``(heads, dim)``, on ``device``."""
+        shift, scale = self._channel_stats(device)
+        return shift.squeeze(1), scale.squeeze(1)
+
     def _channel_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._shift is None or self._scale is None:
             raise ValueError("UniformCodec: axis='channel' needs its channel statistics before encoding or decoding; "

@@ -141,17 +141,24 @@ class VQCodec(Codec):
         if m > _TABLE_MAX_QUERIES:
             return self._score_decoded(queries.float(), codes)
         n = codes.shape[1]
-        s, g, c = self.subvector_dim, self.groups, self.centroids
-        q = queries.float().view(heads, m, g, s)
-        book = self._book().view(self._books_shape[0], self._books_shape[1], c, s)
-        book = book.expand(heads if self._books_shape[0] == 1 else -1, g if self._books_shape[1] == 1 else -1, -1, -1)
-        table = torch.einsum("hmgs,hgcs->hgcm", q, book).reshape(heads * g * c, m)
+        g, c = self.groups, self.centroids
+        table = self.lookup_table(queries).reshape(heads * g * c, m)
         offsets = torch.arange(heads * g, dtype=torch.int32, device=codes.device).view(heads, 1, g) * c
         out = torch.empty(heads, n, m, device=codes.device)
         for start, stop in self._chunks(n, g):
             bags = (self._indices(codes[:, start:stop]) + offsets).view(-1, g)
             out[:, start:stop] = F.embedding_bag(bags, table, mode="sum").view(heads, stop - start, m)
         return out.transpose(1, 2)
+
+    def lookup_table(self, queries: torch.Tensor) -> torch.Tensor:
+        """The paper's table ``T[h, j, k, :] = q_j · C_{h,j,k}``: ``(heads, g, c, m)`` float32 for
+        ``queries (heads, m, dim)`` — small, whatever the number of keys (the GPU kernel reads it too)."""
+        heads, m, _ = queries.shape
+        s, g, c = self.subvector_dim, self.groups, self.centroids
+        q = queries.float().view(heads, m, g, s)
+        book = self._book().view(self._books_shape[0], self._books_shape[1], c, s)
+        book = book.expand(heads if self._books_shape[0] == 1 else -1, g if self._books_shape[1] == 1 else -1, -1, -1)
+        return torch.einsum("hmgs,hgcs->hgcm", q, book).contiguous()
 
     def _score_decoded(self, queries: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Scores against keys decoded chunk by chunk, so no more than a chunk of keys is ever materialized."""

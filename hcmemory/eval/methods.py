@@ -54,6 +54,24 @@ class Memory:
                 "total_ratio": self.total_bytes / self.full_fp16_bytes, "selected_fraction": self.selected_fraction}
 
 
+FIRST_TOP = 20
+"""How many of the first answer token's most likely tokens each answer keeps, to compare distributions."""
+
+
+@dataclass
+class Answer:
+    text: str
+    first: dict[int, float]
+    """Log-probabilities of the ``FIRST_TOP`` most likely first answer tokens: how far a method moves the
+    model's prediction from full attention's is measured on these (a signal far less noisy than pass/fail)."""
+
+
+def _first(logits: torch.Tensor) -> dict[int, float]:
+    logprobs = torch.log_softmax(logits.float().flatten(), dim=-1)
+    values, ids = logprobs.topk(FIRST_TOP)
+    return {int(i): float(v) for i, v in zip(ids, values)}
+
+
 @dataclass
 class Recording:
     """One plain prefill of a context: every layer's keys, values and attention inputs."""
@@ -115,7 +133,7 @@ class Method:
 
     def answer(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, context_ids: list[int],
                questions: list[tuple[list[int], int]], recording: Recording | None = None
-               ) -> tuple[list[str], Memory]:
+               ) -> tuple[list[Answer], Memory]:
         raise NotImplementedError
 
 
@@ -131,7 +149,8 @@ class HCMethod(Method):
         for ids, max_new in questions:
             with cache.transaction(commit=False):
                 logits = prefill(model, cache, torch.tensor([ids]), self.config.chunk_size)
-                answers.append("".join(decode(model, tokenizer, cache, logits, Sampling(max_new))))
+                text = "".join(decode(model, tokenizer, cache, logits, Sampling(max_new)))
+                answers.append(Answer(text, _first(logits)))
                 if cache.stats().selected_fraction is not None:
                     fractions.append(cache.stats().selected_fraction)
         memory = Memory(stats.device_bytes, stats.device_bytes + stats.host_bytes, stats.full_fp16_bytes,
@@ -141,7 +160,7 @@ class HCMethod(Method):
 
 @torch.no_grad()
 def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Any, ids: list[int], position: int,
-            max_new: int) -> str:
+            max_new: int) -> Answer:
     """Greedy decoding on a transformers cache whose kept length may differ from the positions
     (compressed caches): positions are passed explicitly, as kvpress's pipeline does."""
     device = next(model.parameters()).device
@@ -149,6 +168,7 @@ def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: A
     positions = torch.arange(position, position + len(ids), device=device)[None]
     logits = model(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
                    logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
+    first = _first(logits)
     generated: list[int] = []
     position += len(ids)
     for step in range(max_new):
@@ -159,7 +179,7 @@ def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: A
         logits = model(input_ids=torch.tensor([[token]], device=device),
                        position_ids=torch.tensor([[position + step]], device=device), use_cache=True,
                        **cache_kwarg(model, cache)).logits[0, -1]
-    return tokenizer.decode(generated, skip_special_tokens=True)
+    return Answer(tokenizer.decode(generated, skip_special_tokens=True), first)
 
 
 class RecordedMethod(Method):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 from collections import defaultdict
@@ -56,6 +57,26 @@ def _bootstrap(per_task: dict[str, dict[tuple, float]], reference: dict[str, dic
     return samples[int(0.025 * BOOTSTRAP)], samples[int(0.975 * BOOTSTRAP) - 1]
 
 
+def _fidelity(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
+    """How close a method stays to full attention on the same questions: the share of answers that are
+    word for word full attention's, and the KL divergence from full attention's first answer token
+    distribution (over its 20 most likely tokens; a token a method does not rank there counts at the
+    method's 20th log-probability, so this is a lower bound).  Far less noisy than pass/fail."""
+    ref = {(c["task"], c["length"], c["seed"], i): q for c in reference for i, q in enumerate(c["questions"])}
+    same, kls = [], []
+    for cell in group:
+        for i, q in enumerate(cell["questions"]):
+            r = ref.get((cell["task"], cell["length"], cell["seed"], i))
+            if r is None:
+                continue
+            same.append(q["answer"].strip() == r["answer"].strip())
+            if q.get("first") and r.get("first"):
+                floor = min(q["first"].values())
+                total = sum(math.exp(v) for v in r["first"].values())
+                kls.append(sum(math.exp(v) / total * (v - q["first"].get(t, floor)) for t, v in r["first"].items()))
+    return {"agreement": _mean(same), "kl": _mean(kls)}
+
+
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, length) and per method over all lengths."""
     by: dict[tuple[str, int | None], list[dict[str, Any]]] = defaultdict(list)
@@ -83,6 +104,8 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                           if c["memory"]["selected_fraction"] is not None),
                "seconds": sum(c["seconds"] for c in group),
                "tokens_per_s": sum(c["context_tokens"] for c in group) / max(1e-9, sum(c["seconds"] for c in group))}
+        if reference_cells and method != REFERENCE:
+            row.update(_fidelity(group, reference_cells))
         if ref is not None and common:
             ckeys = {t: sorted(s) for t, s in common.items()}
             row["delta"] = _task_average(common, ckeys) - _task_average(ref, ckeys)
@@ -131,7 +154,8 @@ def markdown_tasks(rows: list[dict[str, Any]]) -> str:
 
 def markdown_deltas(rows: list[dict[str, Any]]) -> str:
     lengths = sorted({r["length"] for r in rows if r["length"] is not None})
-    lines = ["| method | " + " | ".join(f"Δ {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    lines = ["| method | " + " | ".join(f"Δ {n}" for n in lengths) + " | same answer as full | KL, 1st token |",
+             "|---|" + "---|" * (len(lengths) + 2)]
     table = {(r["method"], r["length"]): r for r in rows}
     for m in sorted({r["method"] for r in rows if r["method"] != REFERENCE}):
         cells = []
@@ -139,6 +163,9 @@ def markdown_deltas(rows: list[dict[str, Any]]) -> str:
             r = table.get((m, n))
             cells.append("–" if r is None or "delta" not in r else
                          f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]")
+        overall = table.get((m, None), {})
+        kl = overall.get("kl")
+        cells += [f"{_pct(overall.get('agreement'))} %", "–" if kl is None else f"{kl:.3f}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -30,11 +30,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_path
 from ..models import load_model
-from .methods import Method, available, parse_method, record
+from .methods import Answer, Method, available, parse_method, record
 from .tasks import TASKS, Case, cases_for, score
 
 log = logging.getLogger(__name__)
-CELL_FORMAT = 1
+CELL_FORMAT = 2
 
 STANDARD_METHODS = (
     "full", "hc-25", "hc-12.5", "compact", "hc-12.5-bounded", "streaming:budget=0.0625", "h2o:budget=0.0625",
@@ -143,14 +143,15 @@ def _done(path: Path, case: Case, method: Method) -> bool:
     return cell.get("format") == CELL_FORMAT and cell.get("case") == _digest(case) and cell.get("spec") == method.spec
 
 
-def _write_cell(path: Path, case: Case, method: Method, answers: list[str], memory: dict[str, Any],
+def _write_cell(path: Path, case: Case, method: Method, answers: list[Answer], memory: dict[str, Any],
                 context_tokens: int, seconds: float) -> None:
     cell = {
         "format": CELL_FORMAT, "case": _digest(case), "spec": method.spec, "method": method.name,
         "task": case.task, "length": case.length, "seed": case.seed, "filler": case.filler,
         "context_tokens": context_tokens, "seconds": seconds, "memory": memory,
-        "questions": [{"question": q.text, "answers": list(q.answers), "depth": q.depth, "answer": a,
-                       "score": score(a, q)} for q, a in zip(case.questions, answers)],
+        "questions": [{"question": q.text, "answers": list(q.answers), "depth": q.depth, "answer": a.text,
+                       "score": score(a.text, q), "first": {str(k): v for k, v in a.first.items()}}
+                      for q, a in zip(case.questions, answers)],
     }
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(cell, indent=1, ensure_ascii=False), encoding="utf-8")
