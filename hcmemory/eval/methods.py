@@ -64,6 +64,20 @@ class Answer:
     first: dict[int, float]
     """Log-probabilities of the ``FIRST_TOP`` most likely first answer tokens: how far a method moves the
     model's prediction from full attention's is measured on these (a signal far less noisy than pass/fail)."""
+    ids: list[int]
+    """The generated token ids."""
+    forced: float | None = None
+    """Log-probability of the reference's (full attention's) answer ids under this method — its own
+    answer when there is no reference — fed one token at a time as decoding would: how well the method
+    keeps full attention's whole answer likely."""
+
+
+@dataclass(frozen=True)
+class Question:
+    ids: list[int]
+    max_new_tokens: int
+    reference: list[int] | None = None
+    """Full attention's answer ids, to score with ``Answer.forced``."""
 
 
 def _first(logits: torch.Tensor) -> dict[int, float]:
@@ -132,8 +146,7 @@ class Method:
     uses_recording = False
 
     def answer(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, context_ids: list[int],
-               questions: list[tuple[list[int], int]], recording: Recording | None = None
-               ) -> tuple[list[Answer], Memory]:
+               questions: list[Question], recording: Recording | None = None) -> tuple[list[Answer], Memory]:
         raise NotImplementedError
 
 
@@ -146,29 +159,58 @@ class HCMethod(Method):
         prefill(model, cache, torch.tensor([context_ids]), self.config.chunk_size)
         stats = cache.stats()
         answers, fractions = [], []
-        for ids, max_new in questions:
+        for q in questions:
             with cache.transaction(commit=False):
-                logits = prefill(model, cache, torch.tensor([ids]), self.config.chunk_size)
-                text = "".join(decode(model, tokenizer, cache, logits, Sampling(max_new)))
-                answers.append(Answer(text, _first(logits)))
+                logits = prefill(model, cache, torch.tensor([q.ids]), self.config.chunk_size)
+                pieces = decode(model, tokenizer, cache, logits, Sampling(q.max_new_tokens))
+                text = ""
+                while True:
+                    try:
+                        text += next(pieces)
+                    except StopIteration as done:
+                        generated = done.value[0]
+                        break
                 if cache.stats().selected_fraction is not None:
                     fractions.append(cache.stats().selected_fraction)
+            reference = q.reference if q.reference is not None else generated
+            with cache.transaction(commit=False):
+                forced = _forced(model, cache, prefill(model, cache, torch.tensor([q.ids]), self.config.chunk_size),
+                                 reference, None)
+            answers.append(Answer(text, _first(logits), generated, forced))
         memory = Memory(stats.device_bytes, stats.device_bytes + stats.host_bytes, stats.full_fp16_bytes,
                         sum(fractions) / len(fractions) if fractions else None)
         return answers, memory
 
 
 @torch.no_grad()
+def _forced(model: torch.nn.Module, cache: Any, logits: torch.Tensor, reference: list[int], position: int | None
+            ) -> float:
+    """Log-probability of ``reference`` continuing from ``logits``, its tokens fed one at a time
+    (``position``: where the first one sits, for caches whose kept length is not the position)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for step, token in enumerate(reference):
+        total += float(torch.log_softmax(logits.float().flatten(), dim=-1)[token])
+        if step == len(reference) - 1:
+            break
+        extra = {} if position is None else {"position_ids": torch.tensor([[position + step]], device=device)}
+        logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **extra,
+                       **cache_kwarg(model, cache)).logits[0, -1]
+    return total
+
+
+@torch.no_grad()
 def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Any, ids: list[int], position: int,
-            max_new: int) -> Answer:
+            max_new: int) -> tuple[torch.Tensor, list[int], str]:
     """Greedy decoding on a transformers cache whose kept length may differ from the positions
-    (compressed caches): positions are passed explicitly, as kvpress's pipeline does."""
+    (compressed caches): positions are passed explicitly, as kvpress's pipeline does.  Returns the
+    first answer token's logits, the generated ids and their text."""
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
     positions = torch.arange(position, position + len(ids), device=device)[None]
     logits = model(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
                    logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
-    first = _first(logits)
+    first_logits = logits
     generated: list[int] = []
     position += len(ids)
     for step in range(max_new):
@@ -179,7 +221,7 @@ def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: A
         logits = model(input_ids=torch.tensor([[token]], device=device),
                        position_ids=torch.tensor([[position + step]], device=device), use_cache=True,
                        **cache_kwarg(model, cache)).logits[0, -1]
-    return Answer(tokenizer.decode(generated, skip_special_tokens=True), first)
+    return first_logits, generated, tokenizer.decode(generated, skip_special_tokens=True)
 
 
 class RecordedMethod(Method):
@@ -199,14 +241,28 @@ class RecordedMethod(Method):
         memory = Memory(nbytes, nbytes, full_fp16_bytes(model, len(context_ids)))
         kept = None if self.rebuild_per_question else [layer.keys.shape[-2] for layer in cache.layers]
         answers = []
-        for i, (ids, max_new) in enumerate(questions):
-            if i and self.rebuild_per_question:
-                cache = self.build(model, recording)
-            answers.append(_greedy(model, tokenizer, cache, ids, recording.context_length, max_new))
-            if not self.rebuild_per_question:
-                for layer, n in zip(cache.layers, kept):
-                    layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        position = recording.context_length
+        for i, q in enumerate(questions):
+            logits, generated, text = _greedy(model, tokenizer, cache, q.ids, position, q.max_new_tokens)
+            cache = self._reset(model, recording, cache, kept)
+            device = next(model.parameters()).device
+            ask = torch.arange(position, position + len(q.ids), device=device)[None]
+            with torch.no_grad():
+                start = model(input_ids=torch.tensor([q.ids], device=device), position_ids=ask, use_cache=True,
+                              logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
+            forced = _forced(model, cache, start, q.reference if q.reference is not None else generated,
+                             position + len(q.ids))
+            cache = self._reset(model, recording, cache, kept)
+            answers.append(Answer(text, _first(logits), generated, forced))
         return answers, memory
+
+    def _reset(self, model: torch.nn.Module, recording: Recording, cache: Any, kept: list[int] | None) -> Any:
+        """The cache as the context left it (cut back, or built again when it cannot be cut)."""
+        if self.rebuild_per_question:
+            return self.build(model, recording)
+        for layer, n in zip(cache.layers, kept):
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        return cache
 
 
 class FullMethod(RecordedMethod):

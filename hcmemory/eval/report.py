@@ -57,13 +57,26 @@ def _bootstrap(per_task: dict[str, dict[tuple, float]], reference: dict[str, dic
     return samples[int(0.025 * BOOTSTRAP)], samples[int(0.975 * BOOTSTRAP) - 1]
 
 
+def _kl(p_logits: list[float], q_logits: list[float]) -> float:
+    """KL(p || q) of two distributions given by log-weights over the same tokens (each renormalised)."""
+    def normalised(values: list[float]) -> list[float]:
+        top = max(values)
+        total = math.log(sum(math.exp(v - top) for v in values)) + top
+        return [v - total for v in values]
+
+    p, q = normalised(p_logits), normalised(q_logits)
+    return sum(math.exp(a) * (a - b) for a, b in zip(p, q))
+
+
 def _fidelity(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
     """How close a method stays to full attention on the same questions: the share of answers that are
-    word for word full attention's, and the KL divergence from full attention's first answer token
-    distribution (over its 20 most likely tokens; a token a method does not rank there counts at the
-    method's 20th log-probability, so this is a lower bound).  Far less noisy than pass/fail."""
+    word for word full attention's; the KL divergence from full attention's first answer token
+    distribution, both restricted to full attention's 20 most likely tokens (a token a method does not
+    rank there counts at the method's 20th log-probability); and ``nll_gap``, how many nats per token
+    less likely the method finds full attention's whole answer than full attention does.  Far less
+    noisy than pass/fail, so it ranks variants that tie on accuracy."""
     ref = {(c["task"], c["length"], c["seed"], i): q for c in reference for i, q in enumerate(c["questions"])}
-    same, kls = [], []
+    same, kls, gaps = [], [], []
     for cell in group:
         for i, q in enumerate(cell["questions"]):
             r = ref.get((cell["task"], cell["length"], cell["seed"], i))
@@ -72,9 +85,10 @@ def _fidelity(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> d
             same.append(q["answer"].strip() == r["answer"].strip())
             if q.get("first") and r.get("first"):
                 floor = min(q["first"].values())
-                total = sum(math.exp(v) for v in r["first"].values())
-                kls.append(sum(math.exp(v) / total * (v - q["first"].get(t, floor)) for t, v in r["first"].items()))
-    return {"agreement": _mean(same), "kl": _mean(kls)}
+                kls.append(_kl([v for v in r["first"].values()], [q["first"].get(t, floor) for t in r["first"]]))
+            if q.get("forced") is not None and r.get("forced") is not None and r.get("answer_ids"):
+                gaps.append((r["forced"] - q["forced"]) / len(r["answer_ids"]))
+    return {"agreement": _mean(same), "kl": _mean(kls), "nll_gap": _mean(gaps)}
 
 
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -154,8 +168,9 @@ def markdown_tasks(rows: list[dict[str, Any]]) -> str:
 
 def markdown_deltas(rows: list[dict[str, Any]]) -> str:
     lengths = sorted({r["length"] for r in rows if r["length"] is not None})
-    lines = ["| method | " + " | ".join(f"Δ {n}" for n in lengths) + " | same answer as full | KL, 1st token |",
-             "|---|" + "---|" * (len(lengths) + 2)]
+    lines = ["| method | " + " | ".join(f"Δ {n}" for n in lengths)
+             + " | same answer as full | KL, 1st token | NLL gap (nats/token) |",
+             "|---|" + "---|" * (len(lengths) + 3)]
     table = {(r["method"], r["length"]): r for r in rows}
     for m in sorted({r["method"] for r in rows if r["method"] != REFERENCE}):
         cells = []
@@ -164,8 +179,9 @@ def markdown_deltas(rows: list[dict[str, Any]]) -> str:
             cells.append("–" if r is None or "delta" not in r else
                          f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]")
         overall = table.get((m, None), {})
-        kl = overall.get("kl")
-        cells += [f"{_pct(overall.get('agreement'))} %", "–" if kl is None else f"{kl:.3f}"]
+        kl, gap = overall.get("kl"), overall.get("nll_gap")
+        cells += [f"{_pct(overall.get('agreement'))} %", "–" if kl is None else f"{kl:.3f}",
+                  "–" if gap is None else f"{gap:+.3f}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -30,7 +30,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_path
 from ..models import load_model
-from .methods import Answer, Method, available, parse_method, record
+from .methods import Answer, Method, Question, available, parse_method, record
+from .report import REFERENCE
 from .tasks import TASKS, Case, cases_for, score
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,17 @@ def run(plan: Plan) -> Path:
     with tqdm(total=len(cases) * len(methods), desc="eval", unit="cell") as bar:
         for case in cases:
             context_ids = tokenizer(before + case.context, add_special_tokens=False).input_ids
-            questions = [(tokenizer("\n\n" + q.text + after, add_special_tokens=False).input_ids, q.max_new_tokens)
-                         for q in case.questions]
+            prompts = [tokenizer("\n\n" + q.text + after, add_special_tokens=False).input_ids for q in case.questions]
+            references = None  # full attention's answers, which every other method is scored on as well
             recording, recorded_s = None, 0.0
-            for method in methods:
+            for method in sorted(methods, key=lambda m: m.spec != REFERENCE):
                 bar.set_postfix_str(f"{method.name} {case.key}")
                 path = out / "cells" / slug(method.spec) / f"{case.key}.json"
+                questions = [Question(ids, q.max_new_tokens, None if references is None else references[i])
+                             for i, (ids, q) in enumerate(zip(prompts, case.questions))]
                 if _done(path, case, method):
+                    if method.spec == REFERENCE:
+                        references = _answer_ids(path)
                     bar.update()
                     continue
                 started = time.perf_counter()
@@ -131,8 +136,14 @@ def run(plan: Plan) -> Path:
                 answers, memory = method.answer(model, tokenizer, context_ids, questions, recording)
                 seconds = time.perf_counter() - started + (recorded_s if method.uses_recording else 0.0)
                 _write_cell(path, case, method, answers, memory.as_dict(), len(context_ids), seconds)
+                if method.spec == REFERENCE:
+                    references = [a.ids for a in answers]
                 bar.update()
     return out
+
+
+def _answer_ids(path: Path) -> list[list[int]]:
+    return [q["answer_ids"] for q in json.loads(path.read_text(encoding="utf-8"))["questions"]]
 
 
 def _done(path: Path, case: Case, method: Method) -> bool:
@@ -150,7 +161,8 @@ def _write_cell(path: Path, case: Case, method: Method, answers: list[Answer], m
         "task": case.task, "length": case.length, "seed": case.seed, "filler": case.filler,
         "context_tokens": context_tokens, "seconds": seconds, "memory": memory,
         "questions": [{"question": q.text, "answers": list(q.answers), "depth": q.depth, "answer": a.text,
-                       "score": score(a.text, q), "first": {str(k): v for k, v in a.first.items()}}
+                       "score": score(a.text, q), "first": {str(k): v for k, v in a.first.items()},
+                       "answer_ids": a.ids, "forced": a.forced}
                       for q, a in zip(case.questions, answers)],
     }
     with atomic_path(path) as tmp:
