@@ -84,13 +84,14 @@ class HCLayer(CacheLayerMixin):
     def _reset_stores(self, codecs: LayerCodecs) -> None:
         """Empty stores for ``codecs``; key codes start exact when the codecs still need fitting."""
         growth = self.config.store_growth
+        pinned = self.device.type == "cuda"  # host rows the GPU exchanges with: page-locked
         self.codecs = codecs
         self.calibrated = not any(c is not None and c.needs_fit for c in (codecs.keys, codecs.exact_keys))
         key_codec = codecs.keys if self.calibrated else IdentityCodec(self.heads, self.dim, device=self.device)
         self.key_codes = CodedRows(key_codec, self.device, growth)
-        self.exact_keys = (CodedRows(codecs.exact_keys, HOST, growth)
+        self.exact_keys = (CodedRows(codecs.exact_keys, HOST, growth, pinned)
                            if self.calibrated and codecs.exact_keys is not None else None)
-        self.values = CodedRows(codecs.values, self.value_device, growth)
+        self.values = CodedRows(codecs.values, self.value_device, growth, pinned)
         self.positions = RowBuffer(1, (), torch.int64, HOST, growth)
         self.mass = RowBuffer(self.heads, (), torch.float32, self.value_device, growth) \
             if self.observes_attention else None
@@ -342,7 +343,7 @@ class HCLayer(CacheLayerMixin):
         key_codes.append(keys)
         exact = None
         if codecs.exact_keys is not None:
-            exact = CodedRows(codecs.exact_keys, HOST, self.config.store_growth)
+            exact = CodedRows(codecs.exact_keys, HOST, self.config.store_growth, self.device.type == "cuda")
             exact.append(keys)
         self.codecs, self.key_codes, self.exact_keys, self.calibrated = codecs, key_codes, exact, True
 

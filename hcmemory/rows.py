@@ -26,10 +26,12 @@ class RowBuffer:
     """
 
     def __init__(self, heads: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
-                 growth: int = 256) -> None:
+                 growth: int = 256, pinned: bool = False) -> None:
         self.heads = heads
         self.row_shape = tuple(row_shape)
         self.growth = growth
+        self.pinned = pinned and torch.device(device).type == "cpu" and torch.cuda.is_available()
+        """Host rows a GPU reads and writes are page-locked, so transfers go at full PCIe speed."""
         self.data = self._empty(0, dtype, torch.device(device))
         self.len = 0
         self._shared = False
@@ -37,7 +39,7 @@ class RowBuffer:
     def _empty(self, rows: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         with torch.inference_mode(False):
             return torch.empty((self.heads, rows, *self.row_shape), dtype=dtype or self.dtype,
-                               device=device or self.device)
+                               device=device or self.device, pin_memory=self.pinned)
 
     @property
     def capacity(self) -> int:
@@ -125,7 +127,7 @@ class RowBuffer:
     def fork(self) -> "RowBuffer":
         """A copy that shares storage until either side writes (O(1) now, one copy per side later)."""
         twin = RowBuffer.__new__(RowBuffer)
-        twin.heads, twin.row_shape, twin.growth = self.heads, self.row_shape, self.growth
+        twin.heads, twin.row_shape, twin.growth, twin.pinned = self.heads, self.row_shape, self.growth, self.pinned
         twin.data, twin.len = self.data, self.len
         twin._shared = self._shared = True
         return twin
@@ -150,32 +152,37 @@ class CodedRows:
     separate so a layer can encode all its stores before it writes any of them.
     """
 
-    def __init__(self, codec: Codec, device: torch.device | str, growth: int = 256) -> None:
+    def __init__(self, codec: Codec, device: torch.device | str, growth: int = 256, pinned: bool = False) -> None:
         self.codec = codec
         self.device = torch.device(device)
         self.growth = growth
+        self.pinned = pinned
         self.rows: RowBuffer | None = None
 
     def __len__(self) -> int:
         return 0 if self.rows is None else self.rows.len
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.codec.encode(x.to(self.device))
+        """Codes of ``x``, computed where ``x`` is (on the GPU, rows bound for the host are encoded
+        before they cross PCIe: fp16 or packed ints travel instead of the model's floats)."""
+        return self.codec.encode(x)
+
+    def _buffer(self, codes: torch.Tensor) -> RowBuffer:
+        if self.rows is None:
+            self.rows = RowBuffer(codes.shape[0], tuple(codes.shape[2:]), codes.dtype, self.device, self.growth,
+                                  self.pinned)
+        return self.rows
 
     def append_codes(self, codes: torch.Tensor) -> None:
         """Append rows that are already encoded."""
-        if self.rows is None:
-            self.rows = RowBuffer(codes.shape[0], tuple(codes.shape[2:]), codes.dtype, self.device, self.growth)
-        self.rows.append(codes)
+        self._buffer(codes).append(codes)
 
     def append(self, x: torch.Tensor) -> None:
         self.append_codes(self.encode(x))
 
     def reserve(self, codes: torch.Tensor) -> None:
         """Make room for ``codes`` (so that a later ``append_codes`` cannot fail)."""
-        if self.rows is None:
-            self.rows = RowBuffer(codes.shape[0], tuple(codes.shape[2:]), codes.dtype, self.device, self.growth)
-        self.rows.reserve(codes.shape[1])
+        self._buffer(codes).reserve(codes.shape[1])
 
     def codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.rows.view(start, stop)
@@ -205,7 +212,7 @@ class CodedRows:
 
     def fork(self) -> "CodedRows":
         """Shares rows copy-on-write and the codec (a fitted codec never changes afterwards)."""
-        twin = CodedRows(self.codec, self.device, self.growth)
+        twin = CodedRows(self.codec, self.device, self.growth, self.pinned)
         twin.rows = None if self.rows is None else self.rows.fork()
         return twin
 

@@ -52,6 +52,7 @@ def test_cwe_answers_are_the_most_frequent_words(tokenizer):
     counts = sorted(((words.count(w), w) for w in set(words)), reverse=True)
     assert {w for _, w in counts[:5]} == set(case.questions[0].answers)
     assert counts[4][0] > 2 * counts[5][0]
+    assert case.questions[1].answers == (counts[0][1],) and counts[0][0] > counts[1][0], "one most common word"
 
 
 def test_questions_are_phrased_differently_from_their_needles(tokenizer):

@@ -11,10 +11,11 @@ Tasks:
 * ``single`` — one needle per haystack; numbers, words or hex codes; several needle and question
   phrasings (the question rarely repeats the needle's wording).
 * ``multikey`` — five needles of the same kind with different keys: each question has four distractors.
-* ``multivalue`` — two keys with four values each, spread out; the answer must list all four.
-* ``vt`` — variable tracking: chains ``VAR A = 12345``, ``VAR B = VAR A`` ...; name every variable
-  that ends up holding a value.
-* ``cwe`` — common-word extraction over a long numbered word list: the five most frequent words.
+* ``multivalue`` — three keys with four values each, spread out; the answer must list all four.
+* ``vt`` — variable tracking: three chains ``VAR A = 12345``, ``VAR B = VAR A`` ...; name every
+  variable that ends up holding a value.
+* ``cwe`` — common-word extraction over a long numbered word list: the five most frequent words,
+  the most frequent one, three frequent ones.
 * ``qa`` — questions over short synthetic fact sheets (people, towns, employers, years) among filler.
 
 Scoring is inclusion after normalisation (case, spaces and punctuation ignored); questions with
@@ -172,7 +173,7 @@ def _needle_case(b: _Builder, rng: random.Random, keys: int, kind: str | None = 
 
 def _multivalue(b: _Builder, rng: random.Random) -> list[Question]:
     questions = []
-    for key in _keys(rng, 2):
+    for key in _keys(rng, 3):
         values = [_value(rng, "number") for _ in range(4)]
         b.unique += values
         for value, depth in zip(values, _depths(rng, 4)):
@@ -185,7 +186,7 @@ def _multivalue(b: _Builder, rng: random.Random) -> list[Question]:
 def _variable_tracking(b: _Builder, rng: random.Random) -> list[Question]:
     questions = []
     names: set[str] = set()
-    for _ in range(2):
+    for _ in range(3):
         chain = []
         while len(chain) < 4:
             name = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5))
@@ -224,12 +225,16 @@ def _cwe(tokenizer: PreTrainedTokenizerBase, length: int, rng: random.Random) ->
     per_item = len(tokenizer(" 123. pencil", add_special_tokens=False).input_ids)
     items = max(40, length // per_item)
     common_count = max(6, items // 12)  # each common word about 4x as frequent as any rare one
-    listed = [w for w in common for _ in range(common_count)]
+    counts = {w: common_count + 2 * (len(common) - i) for i, w in enumerate(common)}  # and no two alike
+    listed = [w for w in common for _ in range(counts[w])]
     listed += [rare[i % len(rare)] for i in range(max(0, items - len(listed)))]
     rng.shuffle(listed)
     context = "Here is a list of words:\n" + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(listed))
+    top = max(common, key=counts.get)
     return context, [Question("What are the 5 most common words in the list above? Answer with the five words.",
-                              tuple(common), None, 32)]
+                              tuple(common), None, 32),
+                     Question("Which word appears most often in the list above?", (top,), None, 16),
+                     Question("Name three words that appear many times in the list above.", tuple(common), None, 24)]
 
 
 def make_case(task: str, length: int, seed: int, tokenizer: PreTrainedTokenizerBase) -> Case:
