@@ -59,8 +59,8 @@ def synthetic(shape: Shape, rows: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 def hc_layer(shape: Shape, keys: torch.Tensor, values: torch.Tensor) -> HCLayer:
-    layer = HCLayer(HCConfig.preset("hc-12.5", calibration="context", calibration_tokens=4096),
-                    shape.kv_heads, shape.dim, torch.device("cpu"), torch.float32)
+    config = HCConfig.preset("hc-12.5", calibration="context", calibration_tokens=min(4096, keys.shape[1]))
+    layer = HCLayer(config, shape.kv_heads, shape.dim, torch.device("cpu"), torch.float32)
     for start in range(0, keys.shape[1], 8192):
         layer.update(keys[None, :, start:start + 8192], values[None, :, start:start + 8192])
     return layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from hcmemory.eval.fillers import sentences
 from hcmemory.eval.runner import environment
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("HCMEMORY_BENCH_RESULTS", Path(__file__).parent / "results"))
+"""Where results go (tests point it at a temporary directory)."""
 
 
 def haystack_ids(tokenizer, tokens: int, seed: int = 0) -> list[int]:

@@ -1,0 +1,39 @@
+"""The benchmark scripts a GPU session runs must not rot between GPU sessions: they run end to end here
+at toy sizes (the numbers mean nothing; that they run and write their results does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(module: str, args: list[str], tmp_path: Path) -> dict:
+    env = {**os.environ, "HCMEMORY_BENCH_RESULTS": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+
+
+def test_gpu_benchmark_runs_at_toy_sizes(tmp_path):
+    results = run_bench("bench_gpu", ["--toy", "--lengths", "128", "300"], tmp_path)["gpu.json"]
+    caches = {(r["tokens"], r["cache"]) for r in results["rows"] if "cache" in r}
+    assert {(128, "hc-12.5"), (128, "DynamicCache"), (300, "hc-12.5")} <= caches
+    first = next(r for r in results["rows"] if r.get("cache") == "hc-12.5" and r["tokens"] == 128)
+    assert first["prefill_tok_s"] > 0 and first["decode_tok_s"] > 0 and first["device_bytes"] > 0
+    assert any(r.get("what", "").startswith("codes scored") for r in results["rows"])
+    assert results["device"] and results["toy"] is True
+
+
+def test_scaling_benchmark_runs_at_toy_sizes(tmp_path):
+    results = run_bench("bench_scaling", ["--rows", "512", "1024", "--stack", "2"], tmp_path)["scaling.json"]
+    methods = {(r["shape"], r["rows"], r["method"]) for r in results["rows"]}
+    assert ("Llama-3-8B", 1024, "hc-12.5") in methods and ("SmolLM2-135M", 512, "sdpa fp16") in methods
+    hc = [r for r in results["rows"] if r["method"] == "hc-12.5"]
+    assert all(0 < r["selected_share"] < 1 and r["bytes_read"] > 0 for r in hc)
+    assert (tmp_path / "scaling.png").exists()
