@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated (first use below)
-
 import pytest
 import torch
 
