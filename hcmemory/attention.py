@@ -144,19 +144,20 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
     where = layer.value_device
     heads, groups = layer.heads, q.shape[1] // rows
     q_rows = q.to(where, torch.float32)
-    exact_count = sink_end + n - recent_start
     approx_scores, index = None, None
-    if recent_start > sink_end:  # compressed part: approximate scores select, exact scores weigh
-        config = layer.config
-        rescore = config.rescore
-        top_p = config.top_p if chunk <= config.selection_queries or config.prefill_top_p is None \
-            else config.prefill_top_p
-        if rescore and top_p < 1.0:  # scores only select: a sample of the chunk's queries is enough
+    config = layer.config
+    top_p = config.top_p if chunk <= config.selection_queries or config.prefill_top_p is None \
+        else config.prefill_top_p
+    exact_count = n  # columns read exactly; with a selection, the sinks, the recent window and the chunk
+    if recent_start > sink_end and (top_p < 1.0 or not config.rescore):
+        # compressed part: approximate scores select, exact scores weigh
+        exact_count = sink_end + n - recent_start
+        if config.rescore:  # scores only select: a sample of the chunk's queries is enough
             step = max(1, rows // config.selection_queries)
             sample = q.view(heads, groups, rows, -1)[:, :, ::step].reshape(heads, -1, q.shape[-1])
             approx = layer.approx_scores(sample, sink_end, recent_start) if config.selection_scores == "codes" \
                 else sample.to(where, torch.float32) @ layer.exact_rows(sink_end, recent_start)[0].float().mT
-        elif not rescore:  # the paper's way: the approximate scores are the weights of every query
+        else:  # the paper's way: the approximate scores are the weights of every query
             approx = layer.approx_scores(q, sink_end, recent_start)
         if top_p < 1.0:
             probs = torch.softmax(approx * scaling, dim=-1)
@@ -169,14 +170,14 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
         exact = torch.cat([torch.arange(sink_end, device=where),
                            torch.arange(recent_start, n, device=where)]).expand(heads, -1)
         index = torch.cat([compressed, exact], dim=1)  # one gather reads the selected rows, then the exact ones
-        if rescore:
+        if config.rescore:
             keys = layer.exact_keys_at(index)
         else:
             keys = layer.exact_keys_at(exact)
             approx_scores = approx if chosen is None else approx.gather(
                 -1, chosen[:, None, :].expand(-1, approx.shape[1], -1))
         values = layer.values_at(index)
-    else:  # every row is exact (uncompressed keys): read them in place
+    else:  # every row is read exactly (uncompressed keys, or a selection keeping all): in place, in order
         keys, values = layer.exact_rows(0, n)
     selected = 0 if index is None else index.shape[1] - exact_count
     if _outside_window(layer, chunk, window):

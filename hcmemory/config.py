@@ -85,11 +85,10 @@ class HCConfig:
     top_p: float = 1.0
     """Per step, read the smallest set of compressed rows whose approximate mass reaches top_p."""
     selection_queries: int = 32
-    """A prefill block chooses its rows from this many of its queries (evenly spaced): scoring all
-    1,024 queries of a chunk against every code costs more than the exact attention it saves.
-    Measured on SmolLM2 at 7.5K (DynamicCache prefill 171–186 tok/s in the same runs): 32 → 171–178
-    tok/s, 64 → 133, 128 → 102, all → 64; on the 4K needles (full attention 7/10) hc-12.5 found 6/10 with 32 or 64
-    and 7/10 with 128 or all.  Raise it when accuracy matters more than prefill speed."""
+    """Steps with more queries than this are prefill steps (``prefill_top_p`` applies); a prefill block
+    that selects chooses its rows from this many of its queries, evenly spaced: scoring all 1,024
+    queries of a chunk against every code costs more than the exact attention it saves (SmolLM2,
+    7.5K: 32 → 0.95x DynamicCache prefill, 128 → 0.55x, all → 0.4x)."""
     prefill_top_p: float | None = None
     """``top_p`` for steps of more than ``selection_queries`` queries (document prefill); None: ``top_p``.
     1.0 reads every compressed row exactly while prefilling and selects only for questions and decoding."""
@@ -212,7 +211,15 @@ def coerce_config(config: "HCConfig | str | Mapping[str, Any] | None") -> HCConf
 
 
 _HC = dict(key_codec="vq", vq_centroids=256, vq_codebook="head", value_placement="host", value_codec="fp16",
-           rescore=True, top_p=0.9)
+           rescore=True, top_p=0.9, prefill_top_p=1.0)
+# prefill_top_p=1.0: a document's prefill reads every row exactly and selection starts with the
+# questions.  Measured on the eval tasks at 4K (multikey + qa, 17 questions, gap of full attention's
+# answer NLL per token vs full): selecting during prefill from 32 sampled queries +0.016, exact
+# prefill +0.003, every query voting +0.002 (but prefill at 0.4x DynamicCache), union of per-query
+# sets +0.003 (0.5x), top_p 0.99 +0.007, max aggregation +0.016, 256-row floor +0.017, a 256-token
+# window +0.015, oracle (exact-score) selection +0.026.  The loss was the prefill's selection: rows
+# a later question needs were never attended into the document's own hidden states.  Exact prefill
+# reads rows in place and runs at 0.8-1.0x DynamicCache (2-core CPU, 7.5K, interleaved runs).
 # The paper's budgets with 8-bit codes: 256 centroids per (layer, KV head) on 2-dim sub-vectors
 # take the same bytes as its 4,096 centroids on 4-dim ones (12.5 % of fp16 KV), and on SmolLM2's
 # keys reconstruct better (relative error 0.095 vs 0.139), encode 6x and fit 60x faster, and the

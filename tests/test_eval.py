@@ -149,3 +149,25 @@ def test_a_run_is_cached_per_cell_and_resumes(tmp_path, monkeypatch):
     data = json.loads(cells[0].read_text())
     assert data["questions"][0]["answers"] and 0 <= data["questions"][0]["score"] <= 1
     assert data["memory"]["total_ratio"] == pytest.approx(2.0, rel=0.01), "a float32 DynamicCache holds 2x fp16"
+
+
+def test_a_cell_is_rerun_when_its_method_changes_definition(tmp_path, monkeypatch):
+    """Cells are keyed by what the method computes with, not its name: a preset redefined between two
+    runs must not report the old definition's numbers."""
+    from hcmemory import config as config_module
+
+    plan = Plan(methods=["hc-12.5"], tasks=["single"], lengths=[512], questions=1, out=tmp_path)
+    run(plan)
+    (cell,) = (tmp_path / "cells").rglob("*.json")
+    before = json.loads(cell.read_text())["identity"]
+    monkeypatch.setitem(config_module.PRESETS, "hc-12.5", {**config_module.PRESETS["hc-12.5"], "top_p": 0.8})
+    run(plan)
+    after = json.loads(cell.read_text())["identity"]
+    assert before != after and '"top_p": 0.8' in after
+
+
+def test_cases_run_round_robin_over_tasks_and_lengths():
+    from hcmemory.eval.runner import _interleaved
+
+    groups = [["s0", "s1", "s2"], ["m0"], ["q0", "q1"]]
+    assert _interleaved(groups) == ["s0", "m0", "q0", "s1", "q1", "s2"]

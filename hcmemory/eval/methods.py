@@ -145,6 +145,12 @@ class Method:
     spec: str
     uses_recording = False
 
+    @property
+    def identity(self) -> str:
+        """What a cached result was computed with: a cell is reused only under the same identity, so a
+        preset whose definition changed is run again rather than reported from its old numbers."""
+        return self.spec
+
     def answer(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, context_ids: list[int],
                questions: list[Question], recording: Recording | None = None) -> tuple[list[Answer], Memory]:
         raise NotImplementedError
@@ -153,6 +159,10 @@ class Method:
 class HCMethod(Method):
     def __init__(self, name: str, config: HCConfig, spec: str) -> None:
         self.name, self.config, self.spec = name, config, spec
+
+    @property
+    def identity(self) -> str:
+        return json.dumps(self.config.to_dict(), sort_keys=True, default=str)
 
     def answer(self, model, tokenizer, context_ids, questions, recording=None):
         cache = HCCache.for_model(model, self.config, tokenizer)

@@ -35,7 +35,7 @@ from .report import REFERENCE
 from .tasks import TASKS, Case, cases_for, score
 
 log = logging.getLogger(__name__)
-CELL_FORMAT = 2
+CELL_FORMAT = 3
 
 STANDARD_METHODS = (
     "full", "hc-25", "hc-12.5", "compact", "hc-12.5-bounded", "streaming:budget=0.0625", "h2o:budget=0.0625",
@@ -109,8 +109,8 @@ def run(plan: Plan) -> Path:
                                                       "skipped": sorted(set(plan.methods) - {m.spec for m in methods})},
                                                      indent=2))
     before, after = frame(tokenizer)
-    cases = [case for task in plan.tasks for length in plan.lengths
-             for case in cases_for(task, length, plan.questions, tokenizer)]
+    cases = _interleaved([cases_for(task, length, plan.questions, tokenizer)
+                          for length in plan.lengths for task in plan.tasks])
     with tqdm(total=len(cases) * len(methods), desc="eval", unit="cell") as bar:
         for case in cases:
             context_ids = tokenizer(before + case.context, add_special_tokens=False).input_ids
@@ -142,6 +142,12 @@ def run(plan: Plan) -> Path:
     return out
 
 
+def _interleaved(groups: list[list[Case]]) -> list[Case]:
+    """The first case of every (task, length), then the second of each, …: a run stopped early still
+    covers every task and length, so its task average is not the average of whichever came first."""
+    return [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
+
+
 def _answer_ids(path: Path) -> list[list[int]]:
     return [q["answer_ids"] for q in json.loads(path.read_text(encoding="utf-8"))["questions"]]
 
@@ -151,13 +157,15 @@ def _done(path: Path, case: Case, method: Method) -> bool:
         cell = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return cell.get("format") == CELL_FORMAT and cell.get("case") == _digest(case) and cell.get("spec") == method.spec
+    return (cell.get("format") == CELL_FORMAT and cell.get("case") == _digest(case) and cell.get("spec") == method.spec
+            and cell.get("identity") == method.identity)
 
 
 def _write_cell(path: Path, case: Case, method: Method, answers: list[Answer], memory: dict[str, Any],
                 context_tokens: int, seconds: float) -> None:
     cell = {
-        "format": CELL_FORMAT, "case": _digest(case), "spec": method.spec, "method": method.name,
+        "format": CELL_FORMAT, "case": _digest(case), "spec": method.spec, "identity": method.identity,
+        "method": method.name,
         "task": case.task, "length": case.length, "seed": case.seed, "filler": case.filler,
         "context_tokens": context_tokens, "seconds": seconds, "memory": memory,
         "questions": [{"question": q.text, "answers": list(q.answers), "depth": q.depth, "answer": a.text,
