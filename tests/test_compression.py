@@ -109,6 +109,31 @@ def test_rescored_model_logits_equal_full(family):
     assert got_tokens == tokens
 
 
+def test_exact_prefill_equals_full_attention_and_selection_starts_with_the_question():
+    """The presets' ``prefill_top_p=1.0``: a document's chunks attend to every row exactly (a selection
+    from sampled queries during prefill is what lost answers on unseen text), while a short step — a
+    question, a decode step — selects."""
+    model = tiny_model("llama")
+    ids = random_ids(400, model.config.vocab_size, seed=7)
+    with torch.no_grad():
+        expected = prefill(model, DynamicCache(config=model.config), ids, 100)
+    base = dict(key_codec="vq", vq_centroids=32, vq_subvector_dim=2, calibration="context", calibration_tokens=100,
+                top_p=0.3, value_placement="host", **EXACT_HOST)
+    logits = {}
+    for prefill_top_p in (1.0, None):
+        cache = HCCache(model, HCConfig(**base, prefill_top_p=prefill_top_p))
+        with torch.no_grad():
+            logits[prefill_top_p] = prefill(model, cache, ids, 100)
+        assert all(layer.compressed for layer in cache.layers)
+        if prefill_top_p == 1.0:
+            assert all(layer.selectable_rows == 0 for layer in cache.layers), "no prefill step selected"
+            with torch.no_grad():
+                prefill(model, cache, torch.tensor([[5, 6, 7]]), 100)  # a question's few tokens select
+            assert all(0 < layer.selected_rows < layer.selectable_rows for layer in cache.layers)
+    assert_close(logits[1.0], expected)
+    assert (logits[None] - expected).abs().max() > 1e-3, "selecting during prefill reads fewer rows"
+
+
 @pytest.mark.parametrize("policy", ["hc", "h2o", "streaming", "window"])
 def test_eviction_bounds_rows_and_keeps_sinks_and_recent(policy):
     model = tiny_model("llama")
