@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("report", help="tables, intervals and plots of an eval results directory")
     r.add_argument("out", help="the results directory of `hcmemory eval`")
     r.add_argument("--output", default=None, help="where to write the Markdown (default: OUT/RESULTS.md)")
+    r.add_argument("--ablations", nargs="*", default=[],
+                   help="results directories of ablation runs to tabulate too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {write_report(out)}")
         return 0
     if args.command == "report":
-        print(write_report(Path(args.out), Path(args.output) if args.output else None))
+        output = Path(args.output) if args.output else None
+        print(write_report(Path(args.out), output, [Path(a) for a in args.ablations]))
         return 0
     return demo(args.preset, args.model, args.max_new_tokens)
 

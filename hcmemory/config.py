@@ -213,7 +213,7 @@ def coerce_config(config: "HCConfig | str | Mapping[str, Any] | None") -> HCConf
 _HC = dict(key_codec="vq", vq_centroids=256, vq_codebook="head", value_placement="host", value_codec="fp16",
            rescore=True, top_p=0.9, prefill_top_p=1.0)
 # prefill_top_p=1.0: a document's prefill reads every row exactly and selection starts with the
-# questions.  Measured on the eval tasks at 4K (multikey + qa, 17 questions, gap of full attention's
+# questions.  Measured on the eval tasks at 4K (single, multikey, qa; 17 questions; gap of full attention's
 # answer NLL per token vs full): selecting during prefill from 32 sampled queries +0.016, exact
 # prefill +0.003, every query voting +0.002 (but prefill at 0.4x DynamicCache), union of per-query
 # sets +0.003 (0.5x), top_p 0.99 +0.007, max aggregation +0.016, 256-row floor +0.017, a 256-token

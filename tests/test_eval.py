@@ -133,7 +133,15 @@ def test_report_task_average_and_paired_interval(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cell))
     text = report_module.write_report(tmp_path).read_text()
-    assert "| full | 50.0 % | 50.0 % | 62.5" in text and "Δ vs full" in text
+    assert "| full | 50.0 % | 50.0 % | 62.5" in text and "Δ vs full" in text and "n=6" in text
+    ablation = tmp_path / "ablation"
+    for cell in cells[:2] + cells[4:]:
+        path = ablation / "cells" / cell["method"] / f"{cell['task']}-{cell['length']}-{cell['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+    text = report_module.write_report(tmp_path, tmp_path / "out.md", [ablation]).read_text()
+    section = text.split("## Ablation")[1]
+    assert "| bad | -62.5" in section and "| hc |" not in section
 
 
 def test_a_run_is_cached_per_cell_and_resumes(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = []
         for n in lengths:
             r = table.get((m, n))
-            cells.append("–" if r is None else f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]")
+            cells.append("–" if r is None else
+                         f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] n={r['questions']}")
         delta = "–" if overall is None or "delta" not in overall else (
             f"{100 * overall['delta']:+.1f} [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]")
         lines.append(f"| {m} | {_pct(overall['device_ratio'])} % | {_pct(overall['total_ratio'])} % | "
@@ -256,8 +258,10 @@ def _heatmaps(cells: list[dict[str, Any]], out: Path, plt: Any) -> Path:
     return path
 
 
-def write_report(out: Path, output: Path | None = None) -> Path:
-    """Write ``results.json`` and ``RESULTS.md`` (to ``output`` if given, plots copied beside it)."""
+def write_report(out: Path, output: Path | None = None, ablations: Sequence[Path] = ()) -> Path:
+    """Write ``results.json`` and ``RESULTS.md`` (to ``output`` if given, plots copied beside it); each
+    results directory in ``ablations`` (variants of one method next to ``full``) adds its table of
+    differences to full attention."""
     out = Path(out)
     cells = load_cells(out)
     if not cells:
@@ -286,6 +290,13 @@ def write_report(out: Path, output: Path | None = None) -> Path:
         "## Difference to full attention per length (points, paired 95 % interval)", "", markdown_deltas(rows), "",
         "## Per task (all lengths, %)", "", markdown_tasks(rows), "",
     ]
+    for ablation in ablations:
+        ablation_cells = load_cells(Path(ablation))
+        if not ablation_cells:
+            raise ValueError(f"{ablation} holds no evaluation cells")
+        text += [f"## Ablation: `{ablation}`", "",
+                 f"{len(ablation_cells)} cells, tasks {', '.join(sorted({c['task'] for c in ablation_cells}))}.", "",
+                 markdown_deltas(summarize(ablation_cells)), ""]
     if env.get("skipped"):
         text += [f"Not run here: {', '.join(env['skipped'])} (not installed in this environment).", ""]
     text += [f"![{image.stem}]({image.name})" for image in images]
