@@ -1,7 +1,8 @@
 """Prefix reuse through the frameworks, against the same calls with reuse off.
 
 * LCEL chain, six questions over the 5.7K-token demo document: share of each prompt served from the
-  live state and seconds per question, with reuse and with a fresh context per call (re-prefilling).
+  live state, time to the first streamed token (what prefix reuse saves) and seconds per question
+  (which adds the same decoding to both arms), with reuse and with a fresh context per call.
 * LlamaIndex: ``HCQueryEngine`` vs stock ``SummaryIndex(...).as_query_engine(llm=HCAttentionLlamaLLM())``
   with and without reuse: answers found and total time.
 * A three-turn chat through ``ChatHCAttention``: tokens prefilled vs the tokens of all messages and answers.
@@ -12,12 +13,13 @@ Run: ``python -m benchmarks.bench_integrations`` (results in ``benchmarks/result
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import uuid
 
 from hcmemory.demo import demo_document
 
-from .common import print_table, write_results
+from .common import RESULTS, print_table, write_results
 
 MAX_NEW = 24
 
@@ -42,12 +44,14 @@ def lcel(document: str, questions: list[dict[str, str]]) -> list[dict]:
         for i, qa in enumerate(questions):
             llm = HCAttentionLLM(max_tokens=MAX_NEW, context_id=conversation if reuse else uuid.uuid4().hex)
             chain, counters = prompt | llm | StrOutputParser(), Counters()
-            started = time.perf_counter()
-            text = chain.invoke({"document": document, "question": qa["question"]}, {"callbacks": [counters]})
-            seconds = time.perf_counter() - started
+            started, first, pieces = time.perf_counter(), None, []
+            for piece in chain.stream({"document": document, "question": qa["question"]}, {"callbacks": [counters]}):
+                first = time.perf_counter() - started if first is None else first
+                pieces.append(piece)
+            seconds, text = time.perf_counter() - started, "".join(pieces)
             info = counters.info
             total = info["tokens_reused"] + info["tokens_prefilled"]
-            rows.append({"bench": "lcel", "reuse": reuse, "question": i + 1, "seconds": seconds,
+            rows.append({"bench": "lcel", "reuse": reuse, "question": i + 1, "first_token_s": first, "seconds": seconds,
                          "reused_share": info["tokens_reused"] / total, "tokens_prefilled": info["tokens_prefilled"],
                          "found": qa["answer"].lower() in text.lower()})
     return rows
@@ -107,21 +111,29 @@ def chat() -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="run only these; the other parts' rows are kept from the existing results file")
     args = parser.parse_args(argv)
     document, questions = demo_document()
     questions = questions[:args.questions]
-    rows = lcel(document, questions)
-    print_table(rows, ["reuse", "question", "seconds", "reused_share", "tokens_prefilled", "found"],
+    previous = RESULTS / "integrations.json"
+    rows = [r for r in (json.loads(previous.read_text())["rows"] if previous.exists() else [])
+            if r["bench"] not in args.parts]
+    for part in args.parts:
+        rows += chat() if part == "chat" else PARTS[part](document, questions)
+        write_results("integrations", rows)
+    print_table([r for r in rows if r["bench"] == "lcel"], ["reuse", "question", "first_token_s", "seconds",
+                                                              "reused_share", "tokens_prefilled", "found"],
                 "LCEL chain over the demo document")
-    write_results("integrations", rows)
-    rows += llamaindex(document, questions)
-    write_results("integrations", rows)
-    rows += chat()
     print_table([r for r in rows if r["bench"] == "llamaindex"], ["engine", "found", "questions", "seconds"],
                 "LlamaIndex over the demo document")
     print_table([r for r in rows if r["bench"] == "chat"], ["turns", "tokens_prefilled", "tokens_decoded",
-                                                              "conversation_tokens", "stateless_prefill_tokens"], "Three-turn chat")
-    print(f"results: {write_results('integrations', rows)}")
+                                                              "conversation_tokens", "stateless_prefill_tokens"],
+                "Three-turn chat")
+    print(f"results: {previous}")
+
+
+PARTS = {"lcel": lcel, "llamaindex": llamaindex, "chat": chat}
 
 
 if __name__ == "__main__":
