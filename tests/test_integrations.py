@@ -50,12 +50,15 @@ def test_a_failed_generate_restores_what_it_cropped(smollm2, monkeypatch):
     ctx = HCContext(model, tokenizer, HCConfig.preset("hc-12.5-bounded", budget=128, chunk_size=64))
     ctx.append(LONG_DOC[:1500])
     before, logits = list(ctx.token_ids), ctx.next_logits(" The")
-    prompt = ctx.token_ids[:40] + tokenizer(" Something else entirely.", add_special_tokens=False).input_ids
+    # a prompt that stops mid-sentence, so the answer does not end at once (the failure must come
+    # while decoding, after the prompt's suffix was committed)
+    prompt = ctx.token_ids[:40] + tokenizer(" Something else entirely happened next, and the",
+                                            add_special_tokens=False).input_ids
     forward, calls = model.forward, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
         return forward(*args, **kwargs)
 
