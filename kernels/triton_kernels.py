@@ -42,18 +42,25 @@ def _lut_gather(table, codes, out, n, stride_ch, stride_cn, scale,
     tl.store(out + h * M * n + ms[None, :] * n + rows[:, None], acc * scale, mask=live[:, None] & mlive[None, :])
 
 
+def _prepared(codes: torch.Tensor, m: int, out: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """What both scoring kernels launch with: codes with unit stride along a row (rows may keep the
+    buffer's stride), the float32 ``(heads, m, n)`` output, and one program per (head, block of rows)."""
+    heads, n = codes.shape[:2]
+    out = torch.empty(heads, m, n, dtype=torch.float32, device=codes.device) if out is None else out
+    codes = codes if codes.stride(2) == 1 else codes.contiguous()
+    return codes, out, (heads, triton.cdiv(n, _BLOCK_N))
+
+
 def lut_scores(table: torch.Tensor, codes: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None
                ) -> torch.Tensor:
     """``table (heads, g, c, m)`` and codes ``(heads, n, g)`` (uint8 or int16, any row stride) ->
     scores ``(heads, m, n)`` float32, times ``scale`` (into ``out`` when given)."""
     heads, groups, centroids, m = table.shape
+    codes, out, grid = _prepared(codes, m, out)
     n = codes.shape[1]
-    out = torch.empty(heads, m, n, dtype=torch.float32, device=codes.device) if out is None else out
     if n == 0:
         return out
-    if codes.stride(2) != 1:
-        codes = codes.contiguous()
-    grid = (heads, triton.cdiv(n, _BLOCK_N))
     _lut_gather[grid](table.contiguous(), codes, out, n, codes.stride(0), codes.stride(1), scale,
                       G=groups, C=centroids, M=m, MP=max(2, triton.next_power_of_2(m)),
                       WIDE=codes.dtype == torch.int16, BLOCK_N=_BLOCK_N)
@@ -168,12 +175,9 @@ def uniform_scores(queries: torch.Tensor, codes: torch.Tensor, bits: int, group_
     if scale_ is not None:
         qsum = (q * shift[:, None, :]).sum(-1)
         q = q * scale_[:, None, :]
-    out = torch.empty(heads, m, n, dtype=torch.float32, device=codes.device) if out is None else out
+    codes, out, grid = _prepared(codes, m, out)
     if n == 0:
         return out
-    if codes.stride(2) != 1:
-        codes = codes.contiguous()
-    grid = (heads, triton.cdiv(n, _BLOCK_N))
     _uniform_dot[grid](codes, q.contiguous(), qsum.contiguous(), out, n, codes.stride(0), codes.stride(1), scale,
                        D=dim, BITS=bits, PER_BYTE=8 // bits, GROUP=group_size, CODE_BYTES=dim * bits // 8, M=m,
                        BLOCK_N=_BLOCK_N)
