@@ -50,7 +50,8 @@ def _shape_name(config: HCConfig) -> str:
     c = config
     keys = f"{c.key_codec}-s{c.vq_subvector_dim}-c{c.vq_centroids}-{c.vq_codebook}-i{c.kmeans_iters}" \
         if c.key_codec == "vq" else c.key_codec
-    return f"{keys}-x{c.rescore_keys if c.rescore else 'none'}"
+    exact = (c.rescore_keys + ("-residual" if c.rescore_residual else "")) if c.rescore else "none"
+    return f"{keys}-x{exact}"
 
 
 def codebook_path(model: torch.nn.Module, config: HCConfig) -> Path:
@@ -99,10 +100,7 @@ def shipped_codec_states(model: torch.nn.Module, config: HCConfig,
         log.info("calibrating key codecs for this model (once; cached at %s)", path)
         keys = calibration_keys(model, _tokenizer_for(model, tokenizer))
         for codecs, layer_keys in tqdm(list(zip(layers, keys)), desc="calibrating key codecs", unit="layer"):
-            for name in _FITTED:
-                codec = getattr(codecs, name)
-                if codec is not None and codec.needs_fit:
-                    codec.fit(layer_keys)
+            codecs.fit(layer_keys)
         flat = {f"{i}.{name}.{k}": v.contiguous() for i, codecs in enumerate(layers) for name in _FITTED
                 if getattr(codecs, name) is not None for k, v in getattr(codecs, name).state_dict().items()}
         with atomic_path(path) as tmp:

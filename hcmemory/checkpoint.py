@@ -29,16 +29,18 @@ import safetensors.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import HCConfig
+from .config import HCConfig, with_added_fields
 from .files import atomic_path
 from .models import model_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""Bumped whenever the stored layout changes; a reader refuses other versions instead of filling
-what an older header lacks with today's defaults.  2: complete configs, per-layer ``calibrated``,
-``exact_keys`` (was ``host_keys``), the user's ``metadata``."""
+FORMAT_VERSION = 3
+"""Bumped whenever the stored layout changes.  A reader refuses newer versions, and older ones
+unless ``_ADDED_FIELDS`` says exactly what they lack — never today's defaults by accident.
+2: complete configs, per-layer ``calibrated``, ``exact_keys`` (was ``host_keys``), the user's
+``metadata``.  3: ``HCConfig.rescore_residual`` (a format-2 config gets ``config.ADDED_FIELDS``)."""
+OLDEST_READABLE = 2
 _FILE_METADATA_KEY = "hcmemory"
 _LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}
 
@@ -89,7 +91,7 @@ class ContextState:
         """Rebuild from a header already accepted by ``check_compatible``; raises ``CheckpointError``
         when its fields have the wrong types or contradict each other."""
         try:
-            config = HCConfig.from_dict(header["config"], complete=True)
+            config = HCConfig.from_dict(_upgraded_config(header), complete=True)
             token_ids, layers = header["token_ids"], header["layers"]
             _require(isinstance(header["context_id"], str) and header["context_id"], "context_id is not a string")
             _require(isinstance(token_ids, list) and all(_is_int(t) and t >= 0 for t in token_ids),
@@ -110,6 +112,12 @@ class ContextState:
         return cls(header["context_id"], config, token_ids, prefilled, header["turn_open"], layers, tensors,
                    header["model_fingerprint"], header["tokenizer_fingerprint"], header.get("model_name", ""),
                    header["metadata"])
+
+
+def _upgraded_config(header: dict[str, Any]) -> dict[str, Any]:
+    """The stored config; an older format's is completed with the fields added since, at the values it ran with."""
+    config = header["config"]
+    return with_added_fields(config) if header["format_version"] < FORMAT_VERSION else config
 
 
 def _is_int(value: Any) -> bool:
@@ -137,9 +145,9 @@ def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedT
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{where}: checkpoint format version {version} is newer than this hcmemory "
                               f"supports ({FORMAT_VERSION}); upgrade hcmemory to load it")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE:
         raise CheckpointError(f"{where}: checkpoint format version {version} is older than this hcmemory reads "
-                              f"({FORMAT_VERSION}); load it with the hcmemory release that wrote it and rebuild the "
+                              f"({OLDEST_READABLE} to {FORMAT_VERSION}); load it with the hcmemory release that wrote it and rebuild the "
                               "context, or re-append its text")
     model_fp, tokenizer_fp = fingerprints(model, tokenizer)
     if header.get("model_fingerprint") != model_fp:

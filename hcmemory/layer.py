@@ -140,11 +140,12 @@ class HCLayer(CacheLayerMixin):
                                "loads or fits them, or use calibration='context'")
         keys, values = key_states[0], value_states[0]
         n = keys.shape[1]
+        key_codes = self.key_codes.encode(keys)
         pending: list[tuple[CodedRows | RowBuffer, torch.Tensor]] = [
-            (self.key_codes, self.key_codes.encode(keys)), (self.values, self.values.encode(values)),
+            (self.key_codes, key_codes), (self.values, self.values.encode(values)),
             (self.positions, torch.arange(self.seen, self.seen + n, dtype=torch.int64)[None])]
         if self.exact_keys is not None:
-            pending.append((self.exact_keys, self.exact_keys.encode(keys)))
+            pending.append((self.exact_keys, self.exact_keys.encode(self.codecs.exact_input(keys, key_codes))))
         if self.mass is not None:
             pending.append((self.mass, torch.zeros(self.heads, n)))
         rows = len(self)
@@ -195,12 +196,14 @@ class HCLayer(CacheLayerMixin):
         sink_end = min(self.config.sink_tokens, old)
         return sink_end, max(sink_end, old - self.config.recent_tokens)
 
-    def _exact_key_store(self) -> CodedRows:
-        return self.key_codes if self.exact_keys is None else self.exact_keys
-
     def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact keys and values of rows ``[start, stop)``, where the values live."""
-        keys = self._exact_key_store().decoded(start, stop)
+        if self.exact_keys is None:
+            keys = self.key_codes.decoded(start, stop).to(self.value_device)
+        else:
+            keys = self.exact_keys.decoded(start, stop)
+            if self.codecs.residual:
+                keys = keys + self.key_codes.decoded(start, stop).to(HOST)
         return keys.to(self.value_device), self.values.decoded(start, stop)
 
     def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -209,7 +212,12 @@ class HCLayer(CacheLayerMixin):
                              self.key_codes.codes(start, stop), self.config.kernel)
 
     def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor:
-        return self._exact_key_store().gather_decoded(index).to(self.value_device)
+        if self.exact_keys is None:
+            return self.key_codes.gather_decoded(index.to(self.device)).to(self.value_device)
+        keys = self.exact_keys.gather_decoded(index)
+        if self.codecs.residual:
+            keys = keys + self.key_codes.gather_decoded(index.to(self.device)).to(HOST)
+        return keys.to(self.value_device)
 
     def values_at(self, index: torch.Tensor) -> torch.Tensor:
         return self.values.gather_decoded(index)
@@ -336,15 +344,13 @@ class HCLayer(CacheLayerMixin):
             return
         keys = self.key_codes.decoded()  # still exact: identity codes
         codecs = self._fresh_codecs()  # never the codecs a fork may share
-        for codec in (codecs.keys, codecs.exact_keys):
-            if codec is not None and codec.needs_fit:
-                codec.fit(keys.float())
+        codecs.fit(keys.float())
         key_codes = CodedRows(codecs.keys, self.device, self.config.store_growth)
         key_codes.append(keys)
         exact = None
         if codecs.exact_keys is not None:
             exact = CodedRows(codecs.exact_keys, HOST, self.config.store_growth, self.device.type == "cuda")
-            exact.append(keys)
+            exact.append(codecs.exact_input(keys, key_codes.codes()))
         self.codecs, self.key_codes, self.exact_keys, self.calibrated = codecs, key_codes, exact, True
 
     # --- branching ---------------------------------------------------------------------------

@@ -25,13 +25,9 @@ EXACT_HOST = dict(value_codec="none", rescore_keys="none")
 def calibrate(layer: HCLayer, keys: torch.Tensor) -> None:
     """Fit the layer's key codecs on ``keys (heads, n, dim)``, as the shipped calibration would."""
     codecs = layer._fresh_codecs()
-    states = {}
-    for name in ("keys", "exact_keys"):
-        codec = getattr(codecs, name)
-        if codec is not None and codec.needs_fit:
-            codec.fit(keys)
-            states[name] = codec.state_dict()
-    layer.load_codec_states(states)
+    codecs.fit(keys)
+    layer.load_codec_states({name: getattr(codecs, name).state_dict() for name in ("keys", "exact_keys")
+                             if getattr(codecs, name) is not None})
 
 
 def filled_layer(config: HCConfig, n: int = 120, heads: int = 2, dim: int = 16, seed: int = 0) -> tuple[HCLayer, ...]:
@@ -95,13 +91,32 @@ def test_top_p_selection_reads_fewer_rows_and_stays_close():
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
 
 
+def test_residual_rescoring_keys_refine_the_codes_in_the_same_bytes():
+    """``rescore_residual``: the host copy holds ``key − decode(code)``, and every read of exact keys
+    (a range, selected rows) adds the codes back."""
+    base = dict(key_codec="vq", vq_centroids=64, vq_subvector_dim=2, rescore_keys="int4", sink_tokens=4,
+                recent_tokens=16)
+    errors, host = {}, {}
+    for residual in (False, True):
+        layer, keys, _ = filled_layer(HCConfig(**base, rescore_residual=residual), n=400)
+        got = layer.exact_rows(0, len(layer))[0]
+        errors[residual] = float(((got - keys) ** 2).sum() / (keys ** 2).sum())
+        index = torch.stack([torch.randperm(400)[:50] for _ in range(2)])
+        assert_close(layer.exact_keys_at(index), got.gather(1, index[..., None].expand(-1, -1, 16)), rel=1e-6)
+        host[residual] = layer.host_bytes()
+    assert host[True] == host[False]
+    assert errors[True] < errors[False] / 3, errors
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_rescored_model_logits_equal_full(family):
+@pytest.mark.parametrize("residual", [False, True])
+def test_rescored_model_logits_equal_full(family, residual):
     model = tiny_model(family)
     ids = random_ids(400, model.config.vocab_size, seed=5)
     expected, tokens = run(model, DynamicCache(config=model.config), ids, steps=8, chunk_size=100)
     config = HCConfig(key_codec="vq", vq_centroids=32, vq_subvector_dim=2, calibration="context",
-                      calibration_tokens=100, top_p=1.0, value_placement="host", **EXACT_HOST)
+                      calibration_tokens=100, top_p=1.0, value_placement="host", rescore_residual=residual,
+                      **EXACT_HOST)
     cache = HCCache(model, config)
     got, got_tokens = run(model, cache, ids, steps=8, chunk_size=100)
     assert all(layer.compressed for layer in cache.layers), "the codes must have been used"

@@ -174,6 +174,18 @@ def test_a_cell_is_rerun_when_its_method_changes_definition(tmp_path, monkeypatc
     assert before != after and '"top_p": 0.8' in after
 
 
+def test_a_cell_stored_before_a_field_was_added_is_reused_only_at_that_fields_old_value():
+    from hcmemory.config import ADDED_FIELDS, HCConfig
+    from hcmemory.eval.runner import _same_identity
+
+    current = HCConfig.preset("hc-12.5").to_dict()
+    stored = {k: v for k, v in current.items() if k not in ADDED_FIELDS}
+    assert _same_identity(json.dumps(stored, sort_keys=True), json.dumps(current, sort_keys=True))
+    changed = {**current, "rescore_residual": True}
+    assert not _same_identity(json.dumps(stored, sort_keys=True), json.dumps(changed, sort_keys=True))
+    assert not _same_identity("kvpress:SnapKV@0.125", json.dumps(current)) and _same_identity("full", "full")
+
+
 def test_cases_run_round_robin_over_tasks_and_lengths():
     from hcmemory.eval.runner import _interleaved
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from hcmemory import ContextBusyError, HCCache, HCConfig, HCContext, cache_kwarg
 from hcmemory.calibration import codebook_path
-from hcmemory.checkpoint import FORMAT_VERSION, CheckpointError
+from hcmemory.checkpoint import FORMAT_VERSION, OLDEST_READABLE, CheckpointError
 from hcmemory.glue import hc_attention_forward
 from hcmemory.layer import HCLayer
 from hcmemory.pool import ContextPool
@@ -378,7 +378,7 @@ INCONSISTENT = {
     "positions out of order": (None, _shuffle_positions),
     "codes beyond the codebook": (None, lambda t: t["1.rows.key_codes"].fill_(255)),
     "config field missing": (lambda h: h["config"].pop("top_p"), None),
-    "older format": (lambda h: h.update(format_version=FORMAT_VERSION - 1), None),
+    "older format": (lambda h: h.update(format_version=OLDEST_READABLE - 1), None),
     "rows of another shape": (None, lambda t: t.update({"2.rows.values": t["2.rows.values"][:, :, :32].contiguous()})),
 }
 
@@ -396,6 +396,22 @@ def test_an_inconsistent_checkpoint_is_refused(smollm2, tmp_path, case):
     edited = _edit_file(path, tmp_path, change_header, change_tensors)
     with pytest.raises(CheckpointError):
         HCContext.load(edited, model, tokenizer)
+
+
+def test_a_format_2_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_path):
+    """Format 3 added ``rescore_residual``; a format-2 file lacks it and ran without it."""
+    model, tokenizer = smollm2
+    ctx = HCContext(model, tokenizer, HCConfig.preset("hc-12.5", vq_centroids=64))
+    ctx.append(DOC)
+    path = tmp_path / "ctx.hcm"
+    ctx.save(path)
+
+    def as_format_2(header):
+        header.update(format_version=2)
+        header["config"].pop("rescore_residual")
+
+    loaded = HCContext.load(_edit_file(path, tmp_path, as_format_2, None), model, tokenizer)
+    assert loaded.config == ctx.config and loaded.token_ids == ctx.token_ids
 
 
 def test_a_saved_state_is_a_copy_taken_under_the_lock(doc_context):

@@ -53,6 +53,20 @@ class LayerCodecs:
     keys: Codec
     exact_keys: Codec | None
     values: Codec
+    residual: bool = False
+    """``exact_keys`` encodes ``key − keys.decode(code)``; the exact key is the sum of both decodings."""
+
+    def exact_input(self, keys: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """What ``exact_keys`` encodes for ``keys`` whose key codes are ``codes``."""
+        return keys.float() - self.keys.decode(codes).to(keys.device) if self.residual else keys
+
+    def fit(self, keys: torch.Tensor) -> None:
+        """Fit whichever key codecs still need it on ``keys (heads, n, dim)``: the codes first, since a
+        residual copy is fitted on what the fitted codes miss."""
+        if self.keys.needs_fit:
+            self.keys.fit(keys)
+        if self.exact_keys is not None and self.exact_keys.needs_fit:
+            self.exact_keys.fit(self.exact_input(keys, self.keys.encode(keys)))
 
 
 def codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype, model_device: torch.device,
@@ -65,4 +79,4 @@ def codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype, model
              if config.compressed_keys and config.rescore else None)
     values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token",
                         device=host if config.value_placement == "host" else model_device)
-    return LayerCodecs(keys, exact, values)
+    return LayerCodecs(keys, exact, values, config.rescore_residual)

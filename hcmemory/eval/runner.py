@@ -28,6 +28,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..config import with_added_fields
 from ..files import atomic_path
 from ..models import load_model
 from .methods import Answer, Method, Question, available, parse_method, record
@@ -159,7 +160,18 @@ def _done(path: Path, case: Case, method: Method) -> bool:
     except (OSError, ValueError):
         return False
     return (cell.get("format") == CELL_FORMAT and cell.get("case") == _digest(case) and cell.get("spec") == method.spec
-            and cell.get("identity") == method.identity)
+            and _same_identity(cell.get("identity"), method.identity))
+
+
+def _same_identity(stored: Any, current: str) -> bool:
+    """Equal, or the same config stored before fields were added that it ran without (``ADDED_FIELDS``)."""
+    if stored == current:
+        return True
+    try:
+        stored_config, current_config = json.loads(stored), json.loads(current)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(stored_config, dict) and with_added_fields(stored_config) == current_config
 
 
 def _write_cell(path: Path, case: Case, method: Method, answers: list[Answer], memory: dict[str, Any],
