@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
 """Bumped whenever the stored layout changes.  A reader refuses newer versions, and older ones
-unless ``_ADDED_FIELDS`` says exactly what they lack — never today's defaults by accident.
+unless ``config.ADDED_FIELDS`` says exactly what they lack — never today's defaults by accident.
 2: complete configs, per-layer ``calibrated``, ``exact_keys`` (was ``host_keys``), the user's
-``metadata``.  3: ``HCConfig.rescore_residual`` (a format-2 config gets ``config.ADDED_FIELDS``)."""
+``metadata``.  3: ``HCConfig.rescore_residual``."""
 OLDEST_READABLE = 2
 _FILE_METADATA_KEY = "hcmemory"
 _LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}
@@ -147,8 +147,8 @@ def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedT
                               f"supports ({FORMAT_VERSION}); upgrade hcmemory to load it")
     if version < OLDEST_READABLE:
         raise CheckpointError(f"{where}: checkpoint format version {version} is older than this hcmemory reads "
-                              f"({OLDEST_READABLE} to {FORMAT_VERSION}); load it with the hcmemory release that wrote it and rebuild the "
-                              "context, or re-append its text")
+                              f"({OLDEST_READABLE} to {FORMAT_VERSION}); load it with the hcmemory release that "
+                              "wrote it and rebuild the context, or re-append its text")
     model_fp, tokenizer_fp = fingerprints(model, tokenizer)
     if header.get("model_fingerprint") != model_fp:
         raise ValueError(f"{where}: checkpoint was made with model {header.get('model_name')!r} "

@@ -199,7 +199,7 @@ class HCLayer(CacheLayerMixin):
     def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact keys and values of rows ``[start, stop)``, where the values live."""
         if self.exact_keys is None:
-            keys = self.key_codes.decoded(start, stop).to(self.value_device)
+            keys = self.key_codes.decoded(start, stop)
         else:
             keys = self.exact_keys.decoded(start, stop)
             if self.codecs.residual:
@@ -215,7 +215,7 @@ class HCLayer(CacheLayerMixin):
         if self.exact_keys is None:
             return self.key_codes.gather_decoded(index.to(self.device)).to(self.value_device)
         keys = self.exact_keys.gather_decoded(index)
-        if self.codecs.residual:
+        if self.codecs.residual:  # the selected rows' codes are decoded next to the model
             keys = keys + self.key_codes.gather_decoded(index.to(self.device)).to(HOST)
         return keys.to(self.value_device)
 
