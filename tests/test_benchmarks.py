@@ -37,3 +37,10 @@ def test_scaling_benchmark_runs_at_toy_sizes(tmp_path):
     hc = [r for r in results["rows"] if r["method"] == "hc-12.5"]
     assert all(0 < r["selected_share"] < 1 and r["bytes_read"] > 0 for r in hc)
     assert (tmp_path / "scaling.png").exists()
+
+
+def test_page_bound_probe_runs_on_a_short_case(tmp_path):
+    results = run_bench("bench_page_bounds", ["--length", "600", "--pages", "16"], tmp_path)["page_bounds.json"]
+    (row,) = results["rows"]
+    assert row["page"] == 16 and 0 <= row["skipped_share"] <= 1 and row["skipped_mass"] < results["eps"]
+    assert 0 < row["top25%_mass_worst"] <= row["top25%_mass_mean"] <= row["top50%_mass_mean"] <= 1 + 1e-5
