@@ -55,6 +55,6 @@ test: venv venv-compat model
 EVAL_OUT ?= benchmarks/results/eval
 bench: venv venv-compat model
 	$(COMPAT)/bin/hcmemory eval --out $(EVAL_OUT)
-	$(COMPAT)/bin/hcmemory report $(EVAL_OUT) --output docs/RESULTS.md --ablations benchmarks/results/ablation-4k
+	$(COMPAT)/bin/hcmemory report $(EVAL_OUT) --output docs/RESULTS.md --ablations benchmarks/results/ablation-4k benchmarks/results/ablation-compact-7.5k
 	$(COMPAT)/bin/python -m benchmarks.run
 	$(VENV)/bin/python -m benchmarks.bench_integrations
