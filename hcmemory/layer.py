@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,14 +197,18 @@ class HCLayer(CacheLayerMixin):
         sink_end = min(self.config.sink_tokens, old)
         return sink_end, max(sink_end, old - self.config.recent_tokens)
 
+    def _exact_keys(self, read: Callable[[CodedRows], torch.Tensor]) -> torch.Tensor:
+        """Exact keys of the rows ``read`` takes from a store: the key codes when they are exact, else
+        the exact copy — plus the codes' reconstruction (decoded next to the model) when the copy
+        holds residuals."""
+        if self.exact_keys is None:
+            return read(self.key_codes)
+        keys = read(self.exact_keys)
+        return keys + read(self.key_codes).to(HOST) if self.codecs.residual else keys
+
     def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact keys and values of rows ``[start, stop)``, where the values live."""
-        if self.exact_keys is None:
-            keys = self.key_codes.decoded(start, stop)
-        else:
-            keys = self.exact_keys.decoded(start, stop)
-            if self.codecs.residual:
-                keys = keys + self.key_codes.decoded(start, stop).to(HOST)
+        keys = self._exact_keys(lambda store: store.decoded(start, stop))
         return keys.to(self.value_device), self.values.decoded(start, stop)
 
     def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -212,12 +217,7 @@ class HCLayer(CacheLayerMixin):
                              self.key_codes.codes(start, stop), self.config.kernel)
 
     def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor:
-        if self.exact_keys is None:
-            return self.key_codes.gather_decoded(index.to(self.device)).to(self.value_device)
-        keys = self.exact_keys.gather_decoded(index)
-        if self.codecs.residual:  # the selected rows' codes are decoded next to the model
-            keys = keys + self.key_codes.gather_decoded(index.to(self.device)).to(HOST)
-        return keys.to(self.value_device)
+        return self._exact_keys(lambda store: store.gather_decoded(index.to(store.device))).to(self.value_device)
 
     def values_at(self, index: torch.Tensor) -> torch.Tensor:
         return self.values.gather_decoded(index)
