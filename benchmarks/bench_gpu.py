@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hcmemory import HCCache, HCConfig, cache_kwarg
-from hcmemory.kernels import approx_scores, top_p_impl
+from hcmemory.kernels import approx_scores, choose, top_p_impl
 from hcmemory.prefill import prefill
+from hcmemory.selection import top_p_select
 
 from .common import write_results
 
@@ -127,7 +128,7 @@ def kernel_timings(tokens: int, device: torch.device, heads: int = 8, q_heads: i
     keys = torch.randn(1, heads, tokens, dim, device=device, dtype=torch.float16)
     values = torch.randn_like(keys)
     q16 = torch.randn(1, q_heads, 1, dim, device=device, dtype=torch.float16)
-    select = top_p_impl(codes, "auto")
+    select = top_p_impl(codes, "auto") or top_p_select
 
     def timed(fn) -> float:
         fn()
@@ -141,10 +142,10 @@ def kernel_timings(tokens: int, device: torch.device, heads: int = 8, q_heads: i
     def score_and_select():
         scores = approx_scores(codec, query, codes, "auto")
         mass = torch.softmax(scores / math.sqrt(dim), dim=-1).mean(dim=1)
-        return select(mass, 0.9) if select else torch.topk(mass, max(1, tokens // 8), dim=-1).indices
+        return select(mass, 0.9)
 
     return [{"tokens": tokens, "what": "codes scored + top-p (per layer)", "ms": 1000 * timed(score_and_select),
-             "backend": "triton" if select else "torch"},
+             "backend": choose(codes, "auto")},
             {"tokens": tokens, "what": "SDPA over fp16 K/V (per layer)",
              "ms": 1000 * timed(lambda: F.scaled_dot_product_attention(q16, keys, values, enable_gqa=True))}]
 

@@ -1,13 +1,18 @@
 """Prefill and decode speed, peak RSS and KV bytes: DynamicCache vs HCCache presets, same model and text.
 
-Each (cache, length) runs in its own process so peak RSS belongs to that run alone.
-Run: ``python -m benchmarks.bench_speed [--lengths 1024 4096 7680] [--caches dynamic full hc-12.5]``.
+Each (cache, length) runs in its own process so peak RSS belongs to that run alone.  With ``--repeats R``
+the caches take turns R times (round-robin, so slow phases of a shared machine hit every cache alike);
+the summary gives each cache's median speed and its median ratio to DynamicCache of the same round.
+Run: ``python -m benchmarks.bench_speed [--lengths 1024 4096 7680] [--caches dynamic full hc-12.5
+hc-12.5:kernel=torch] [--repeats 3] [--threads 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +35,7 @@ def measure(cache_name: str, tokens: int) -> dict:
     if cache_name == "dynamic":
         cache = DynamicCache(config=model.config)
     else:
-        cache = HCCache.for_model(model, HCConfig.preset(cache_name), tokenizer)
+        cache = HCCache.for_model(model, HCConfig.from_spec(cache_name), tokenizer)
     prefill(model, DynamicCache(config=model.config), ids[:, :64])  # warm-up, outside the timings
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk_size=1024)
@@ -50,32 +55,54 @@ def measure(cache_name: str, tokens: int) -> dict:
             "kv_device_mb": device / 2**20, "kv_host_mb": host / 2**20}
 
 
+def run_one(cache: str, tokens: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_speed", "--one", cache, str(tokens)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per (cache, tokens): median speeds, and median ratios to DynamicCache of the same round."""
+    rows = []
+    for key in dict.fromkeys((r["cache"], r["tokens"]) for r in runs):
+        mine = [r for r in runs if (r["cache"], r["tokens"]) == key]
+        base = {r["round"]: r for r in runs if (r["cache"], r["tokens"]) == ("dynamic", key[1])}
+        row = {"cache": key[0], "tokens": key[1], "rounds": len(mine)}
+        for metric in ("prefill_tok_s", "decode_tok_s"):
+            row[metric] = statistics.median(r[metric] for r in mine)
+            row[metric.replace("tok_s", "vs_dynamic")] = statistics.median(
+                r[metric] / base[r["round"]][metric] for r in mine) if base else None
+        row.update({m: statistics.median(r[m] for r in mine) for m in ("peak_rss_mb", "kv_device_mb", "kv_host_mb")})
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 7680])
-    parser.add_argument("--caches", nargs="+", default=["dynamic", "full", "hc-25", "hc-12.5", "kivi-4"])
+    parser.add_argument("--caches", nargs="+", default=["dynamic", "full", "hc-25", "hc-12.5", "kivi-4"],
+                        help="dynamic, a preset, or preset:field=value,...")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the caches (medians reported)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", nargs=2, metavar=("CACHE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]))))
         return
-    rows = []
+    runs = []
     for tokens in args.lengths:
-        for cache in args.caches:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_speed", "--one", cache, str(tokens)],
-                                 capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  {cache:>10} @ {tokens}: prefill {row['prefill_tok_s']:.0f} tok/s, "
-                  f"decode {row['decode_tok_s']:.1f} tok/s", flush=True)
-    for r in rows:
-        base = next(b for b in rows if b["tokens"] == r["tokens"] and b["cache"] == "dynamic")
-        r["prefill_vs_dynamic"] = r["prefill_tok_s"] / base["prefill_tok_s"]
-        r["decode_vs_dynamic"] = r["decode_tok_s"] / base["decode_tok_s"]
-    columns = ["cache", "tokens", "prefill_tok_s", "decode_tok_s", "prefill_vs_dynamic", "decode_vs_dynamic",
-               "peak_rss_mb", "kv_device_mb", "kv_host_mb"]
-    print_table(rows, columns, "Speed and memory on SmolLM2-135M (CPU, fp32), same text for every cache")
-    print(f"results: {write_results('speed', rows)}")
+        for round_ in range(args.repeats):
+            for cache in args.caches:
+                runs.append({**run_one(cache, tokens, args.threads), "round": round_})
+                print(f"  {cache:>10} @ {tokens}, round {round_}: prefill {runs[-1]['prefill_tok_s']:.0f} tok/s, "
+                      f"decode {runs[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+    rows = summarise(runs)
+    columns = ["cache", "tokens", "rounds", "prefill_tok_s", "decode_tok_s", "prefill_vs_dynamic",
+               "decode_vs_dynamic", "peak_rss_mb", "kv_device_mb", "kv_host_mb"]
+    print_table(rows, columns, "Speed and memory on SmolLM2-135M (CPU, fp32), same text for every cache "
+                               "(medians over rounds)")
+    print(f"results: {write_results('speed', rows, runs=runs, threads=args.threads)}")
 
 
 if __name__ == "__main__":

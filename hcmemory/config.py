@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple] = {
     "eviction": ("none", "hc", "h2o", "streaming", "window"),
     "selection_aggregate": ("mean", "max", "union"),
     "selection_scores": ("codes", "exact"),
-    "kernel": ("auto", "torch", "triton"),
+    "kernel": ("auto", "torch", "triton", "cpp"),
 }
 """Allowed values of every field that takes one of a fixed set."""
 
@@ -116,8 +116,9 @@ class HCConfig:
 
     # --- feeding ----------------------------------------------------------------------------
     kernel: str = "auto"
-    """Which implementation scores codes and selects rows: ``auto`` (Triton on CUDA, torch elsewhere),
-    ``torch`` or ``triton`` (forced; on the CPU only under ``TRITON_INTERPRET=1``, for tests)."""
+    """Which implementation scores codes and selects rows: ``auto`` (Triton on CUDA, the C++ kernels on
+    the CPU where they build, torch elsewhere), or forced: ``torch`` (the reference), ``cpp`` or
+    ``triton`` (on the CPU only under ``TRITON_INTERPRET=1``, for tests)."""
     chunk_size: int = 1024
     store_growth: int = 256
     """Row buffers grow by at least this many rows (amortized, never whole-cache copies per step)."""
@@ -198,6 +199,20 @@ class HCConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown HCConfig preset {name!r}; available presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "HCConfig":
+        """``preset`` or ``preset:field=value,...`` (values as JSON where they parse, else strings): the
+        command-line form the benchmarks and ``hcmemory eval`` take."""
+        name, _, fields = spec.partition(":")
+        overrides = {}
+        for item in filter(None, fields.split(",")):
+            key, _, raw = item.partition("=")
+            try:
+                overrides[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                overrides[key] = raw
+        return cls.preset(name, **overrides)
 
     @staticmethod
     def presets() -> list[str]:

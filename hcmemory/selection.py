@@ -51,7 +51,7 @@ def top_p_select(mass: torch.Tensor, top_p: float, hint: int = 0, min_rows: int 
 def select_rows(probs: torch.Tensor, top_p: float, aggregate: str = "mean", hint: int = 0,
                 min_rows: int = 0, top_p_impl: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Indices ``(heads, k)`` chosen from the per-query distributions ``probs`` ``(heads, queries, n)``;
-    ``top_p_impl`` replaces ``top_p_select`` (a GPU kernel, ``hcmemory.kernels``)."""
+    ``top_p_impl`` replaces ``top_p_select`` (a kernel, ``hcmemory.kernels``)."""
     select = top_p_impl or top_p_select
     if aggregate == "mean":
         return select(probs.mean(dim=1), top_p, hint, min_rows)

@@ -1,10 +1,11 @@
-"""hcmemory.kernels: the GPU kernels of the method, and the choice between them and the torch code.
+"""hcmemory.kernels: the kernels of the method's hot steps, and the choice between them and the torch code.
 
 The pure-torch implementations (``codecs``' ``score``, ``selection.top_p_select``) are the reference
-and the CPU path; ``triton_kernels`` holds the Triton versions of the three hot steps — lookup-table
-scoring of VQ codes, top-p row selection, dequantise-and-score of packed int rows.  ``backend``
-(``HCConfig.kernel``) picks: ``auto`` runs Triton on CUDA tensors (when triton is installed) and
-torch elsewhere; ``torch`` and ``triton`` force one (``triton`` on the CPU needs
+and the fallback.  ``triton_kernels`` holds the GPU versions of three hot steps (lookup-table scoring
+of VQ codes, top-p row selection, dequantise-and-score of packed int rows); ``cpu_kernels`` the C++
+versions of the first two, compiled on first use.  ``backend`` (``HCConfig.kernel``) picks: ``auto``
+runs Triton on CUDA tensors (when triton is installed), the C++ kernels on CPU tensors (when they
+build) and torch elsewhere; ``torch``, ``triton`` and ``cpp`` force one (``triton`` on the CPU needs
 ``TRITON_INTERPRET=1``: slow, for correctness tests).
 
 This module imports nothing at import time but the standard library: with a checkout's root on
@@ -23,27 +24,39 @@ if TYPE_CHECKING:
 
     from hcmemory.codecs import Codec
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpp")
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def use_triton(tensor: "torch.Tensor", backend: str) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not _HAVE_TRITON:
-            raise RuntimeError("HCConfig.kernel='triton' but triton is not installed: pip install 'hcmemory[triton]'")
-        return True
-    if backend != "auto":
+def choose(tensor: "torch.Tensor", backend: str) -> str:
+    """Which implementation runs for tensors like ``tensor``: ``triton``, ``cpp`` or ``torch``."""
+    if backend not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    return tensor.is_cuda and _HAVE_TRITON
+    if backend == "triton" and not _HAVE_TRITON:
+        raise RuntimeError("HCConfig.kernel='triton' but triton is not installed: pip install 'hcmemory[triton]'")
+    if backend == "cpp":
+        from . import cpu_kernels
+
+        if cpu_kernels.module() is None:
+            raise RuntimeError(f"HCConfig.kernel='cpp' but the CPU kernels did not build ({cpu_kernels.failure()}); "
+                               "install a C++ compiler and ninja, or use kernel='auto'")
+    if backend != "auto":
+        return backend
+    if tensor.is_cuda:
+        return "triton" if _HAVE_TRITON else "torch"
+    if tensor.device.type == "cpu":
+        from . import cpu_kernels
+
+        return "cpp" if cpu_kernels.module() is not None else "torch"
+    return "torch"
 
 
 def approx_scores(codec: Codec, queries: torch.Tensor, codes: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``queries (heads, m, dim)`` against coded keys ``(heads, n, width)`` -> ``(heads, m, n)``."""
-    if use_triton(codes, backend):
-        from hcmemory.codecs import UniformCodec, VQCodec
+    from hcmemory.codecs import UniformCodec, VQCodec
 
+    chosen = choose(codes, backend)
+    if chosen == "triton":
         from . import triton_kernels
 
         if isinstance(codec, VQCodec):
@@ -51,14 +64,23 @@ def approx_scores(codec: Codec, queries: torch.Tensor, codes: torch.Tensor, back
         if isinstance(codec, UniformCodec):
             shift, scale = codec.channel_stats(codes.device) if codec.axis == "channel" else (None, None)
             return triton_kernels.uniform_scores(queries, codes, codec.bits, codec.group_size, shift, scale)
+    if chosen == "cpp" and isinstance(codec, VQCodec) and codec.table_pays(queries.shape[1]):
+        from . import cpu_kernels
+
+        return cpu_kernels.lut_scores(queries, codec.groupwise_books(), codes)
     return codec.score(queries, codes)
 
 
 def top_p_impl(tensor: torch.Tensor, backend: str = "auto") -> Callable[..., torch.Tensor] | None:
-    """The top-p row selection to use for tensors like ``tensor``: the Triton one, or None for the
-    reference ``selection.top_p_select``."""
-    if not use_triton(tensor, backend):
-        return None
-    from . import triton_kernels
+    """The top-p row selection to use for tensors like ``tensor`` (called as ``(mass, top_p, hint,
+    min_rows)``): a kernel, or None for the reference ``selection.top_p_select``."""
+    chosen = choose(tensor, backend)
+    if chosen == "triton":
+        from . import triton_kernels
 
-    return lambda mass, top_p, hint=0, min_rows=0: triton_kernels.top_p_rows(mass, top_p, min_rows)
+        return lambda mass, top_p, hint=0, min_rows=0: triton_kernels.top_p_rows(mass, top_p, min_rows)
+    if chosen == "cpp":
+        from . import cpu_kernels
+
+        return lambda mass, top_p, hint=0, min_rows=0: cpu_kernels.top_p_rows(mass, top_p, min_rows)
+    return None

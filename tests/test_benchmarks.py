@@ -44,3 +44,14 @@ def test_page_bound_probe_runs_on_a_short_case(tmp_path):
     (row,) = results["rows"]
     assert row["page"] == 16 and 0 <= row["skipped_share"] <= 1 and row["skipped_mass"] < results["eps"]
     assert 0 < row["top25%_mass_worst"] <= row["top25%_mass_mean"] <= row["top50%_mass_mean"] <= 1 + 1e-5
+
+
+def test_speed_benchmark_takes_turns_and_reports_medians(tmp_path):
+    caches = ["dynamic", "hc-12.5:kernel=torch"]
+    results = run_bench("bench_speed", ["--lengths", "200", "--caches", *caches, "--repeats", "2", "--threads", "1"],
+                        tmp_path)["speed.json"]
+    assert [(r["cache"], r["round"]) for r in results["runs"]] == [(c, i) for i in range(2) for c in caches]
+    rows = {r["cache"]: r for r in results["rows"]}
+    assert rows["dynamic"]["decode_vs_dynamic"] == 1.0 and rows["dynamic"]["rounds"] == 2
+    hc = rows["hc-12.5:kernel=torch"]
+    assert hc["decode_tok_s"] > 0 and hc["kv_host_mb"] > 0 and 0 < hc["kv_device_mb"] < rows["dynamic"]["kv_device_mb"]

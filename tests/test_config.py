@@ -43,3 +43,13 @@ def test_unknown_preset_and_unknown_keys_are_refused() -> None:
         HCConfig.preset("hc-3")
     with pytest.raises(ValueError, match="colour"):
         HCConfig.from_dict({**HCConfig().to_dict(), "colour": "red"})
+
+
+def test_a_command_line_spec_is_a_preset_with_typed_overrides() -> None:
+    config = HCConfig.from_spec("compact:rescore_residual=false,top_p=0.95,kernel=torch")
+    assert config == HCConfig.preset("compact", rescore_residual=False, top_p=0.95, kernel="torch")
+    assert HCConfig.from_spec("hc-12.5") == HCConfig.preset("hc-12.5")
+    with pytest.raises(ValueError, match="unknown HCConfig preset 'nope'"):
+        HCConfig.from_spec("nope:top_p=0.5")
+    with pytest.raises(ValueError, match="kernel"):
+        HCConfig.from_spec("hc-12.5:kernel=gpu")

@@ -144,6 +144,22 @@ def test_report_task_average_and_paired_interval(tmp_path):
     assert "| bad | -62.5" in section and "| hc |" not in section
 
 
+def test_head_to_head_pairs_ours_with_every_peer_in_accuracy_and_nll_gap():
+    def cell(method, scores, forced):
+        c = _cell(method, "single", 1024, 0, scores)
+        for q, f in zip(c["questions"], forced):
+            q.update(forced=f, answer_ids=[1, 2])
+        return c
+
+    cells = [cell("full", [1, 1, 0, 1], [-1, -1, -2, -1]), cell("compact", [1, 1, 0, 1], [-1.2, -1, -2, -1]),
+             cell("kivi-4", [1, 0, 0, 0], [-3, -3, -2, -5]), cell("hc-25", [1, 1, 1, 1], [-1, -1, -1, -1])]
+    rows = report_module.summarize(cells)
+    lines = report_module.head_to_head(cells, rows).splitlines()[2:]
+    assert len(lines) == 1, "compact against its one peer; full and other hc presets are not peers"
+    # accuracy +2 of 4; NLL gaps per token: compact (0.1, 0, 0, 0), kivi-4 (1, 1, 0, 2): mean difference -0.975
+    assert lines[0].startswith("| compact | kivi-4 |") and "| 4 | +50.0 [" in lines[0] and "| -0.975 [" in lines[0]
+
+
 def test_a_run_is_cached_per_cell_and_resumes(tmp_path, monkeypatch):
     plan = Plan(methods=["full", "hc-12.5"], tasks=["single"], lengths=[512], questions=1, out=tmp_path)
     run(plan)

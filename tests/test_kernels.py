@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from hcmemory.codecs import UniformCodec, VQCodec  # noqa: E402
-from hcmemory.kernels import approx_scores, top_p_impl, triton_kernels  # noqa: E402
+from hcmemory.kernels import approx_scores, choose, top_p_impl, triton_kernels  # noqa: E402
 from hcmemory.selection import top_p_select  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -80,9 +80,10 @@ def test_top_p_rows_choose_the_reference_rows(n, top_p, min_rows):
     assert (reached >= top_p * mass.sum(-1) - 1e-6).all()
 
 
-def test_auto_uses_torch_on_the_cpu():
+def test_auto_leaves_triton_to_cuda_tensors():
     codec = VQCodec(1, 8, subvector_dim=2, centroids=4, kmeans_iters=1)
-    assert top_p_impl(torch.zeros(1, 4), "auto") is None
+    assert choose(torch.zeros(1, 4), "auto") in ("cpp", "torch")
+    assert top_p_impl(torch.zeros(1, 4), "torch") is None
     with pytest.raises(ValueError, match="kernel backend"):
         approx_scores(codec, torch.zeros(1, 1, 8), torch.zeros(1, 1, 4, dtype=torch.uint8), backend="cuda")
 

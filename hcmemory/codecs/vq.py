@@ -138,7 +138,7 @@ class VQCodec(Codec):
         chunk instead, where one matmul serves every query.
         """
         heads, m, _ = queries.shape
-        if m > _TABLE_MAX_QUERIES:
+        if not self.table_pays(m):
             return self._score_decoded(queries.float(), codes)
         n = codes.shape[1]
         g, c = self.groups, self.centroids
@@ -154,11 +154,21 @@ class VQCodec(Codec):
         """The paper's table ``T[h, j, k, :] = q_j · C_{h,j,k}``: ``(heads, g, c, m)`` float32 for
         ``queries (heads, m, dim)`` — small, whatever the number of keys (the GPU kernel reads it too)."""
         heads, m, _ = queries.shape
-        s, g, c = self.subvector_dim, self.groups, self.centroids
-        q = queries.float().view(heads, m, g, s)
-        book = self._book().view(self._books_shape[0], self._books_shape[1], c, s)
-        book = book.expand(heads if self._books_shape[0] == 1 else -1, g if self._books_shape[1] == 1 else -1, -1, -1)
-        return torch.einsum("hmgs,hgcs->hgcm", q, book).contiguous()
+        q = queries.float().view(heads, m, self.groups, self.subvector_dim)
+        return torch.einsum("hmgs,hgcs->hgcm", q, self.groupwise_books()).contiguous()
+
+    def groupwise_books(self) -> torch.Tensor:
+        """The float32 codebook of every (head, group): ``(heads, g, c, s)``, an expanded view where
+        codebooks are shared (no copy)."""
+        h_books, g_books = self._books_shape
+        book = self._book().view(h_books, g_books, self.centroids, self.subvector_dim)
+        return book.expand(self.heads if h_books == 1 else -1, self.groups if g_books == 1 else -1, -1, -1)
+
+    @staticmethod
+    def table_pays(queries: int) -> bool:
+        """Whether ``queries`` per head are scored through the lookup table (few, as in decoding) rather
+        than through decoded keys (a prefill chunk's many, where one matmul serves them all)."""
+        return queries <= _TABLE_MAX_QUERIES
 
     def _score_decoded(self, queries: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Scores against keys decoded chunk by chunk, so no more than a chunk of keys is ever materialized."""

@@ -350,15 +350,7 @@ def parse_method(spec: str) -> Method:
         if press not in PRESSES:
             raise ValueError(f"unknown kvpress press {press!r}; known: {', '.join(PRESSES)}")
         return PressMethod(press, float(ratio or 0.125))
-    preset, _, fields = spec.partition(":")
-    overrides = {}
-    for item in filter(None, fields.split(",")):
-        key, _, raw = item.partition("=")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
-    return HCMethod(spec, HCConfig.preset(preset, **overrides), spec)
+    return HCMethod(spec, HCConfig.from_spec(spec), spec)
 
 
 def available(method: Method) -> str | None:

@@ -76,20 +76,33 @@ def _fidelity(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> d
     rank there counts at the method's 20th log-probability); and ``nll_gap``, how many nats per token
     less likely the method finds full attention's whole answer than full attention does.  Far less
     noisy than pass/fail, so it ranks variants that tie on accuracy."""
+    same, kls = [], []
+    for q, r in _pairs(group, reference).values():
+        same.append(q["answer"].strip() == r["answer"].strip())
+        if q.get("first") and r.get("first"):
+            floor = min(q["first"].values())
+            kls.append(_kl([v for v in r["first"].values()], [q["first"].get(t, floor) for t in r["first"]]))
+    return {"agreement": _mean(same), "kl": _mean(kls), "nll_gap": _mean(_nll_gaps(group, reference).values())}
+
+
+def _pairs(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[tuple, tuple[dict, dict]]:
+    """(task, length, seed, question index) -> (the method's question, full attention's)."""
     ref = {(c["task"], c["length"], c["seed"], i): q for c in reference for i, q in enumerate(c["questions"])}
-    same, kls, gaps = [], [], []
-    for cell in group:
-        for i, q in enumerate(cell["questions"]):
-            r = ref.get((cell["task"], cell["length"], cell["seed"], i))
-            if r is None:
-                continue
-            same.append(q["answer"].strip() == r["answer"].strip())
-            if q.get("first") and r.get("first"):
-                floor = min(q["first"].values())
-                kls.append(_kl([v for v in r["first"].values()], [q["first"].get(t, floor) for t in r["first"]]))
-            if q.get("forced") is not None and r.get("forced") is not None and r.get("answer_ids"):
-                gaps.append((r["forced"] - q["forced"]) / len(r["answer_ids"]))
-    return {"agreement": _mean(same), "kl": _mean(kls), "nll_gap": _mean(gaps)}
+    return {(c["task"], c["length"], c["seed"], i): (q, ref[(c["task"], c["length"], c["seed"], i)])
+            for c in group for i, q in enumerate(c["questions"]) if (c["task"], c["length"], c["seed"], i) in ref}
+
+
+def _nll_gaps(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[tuple, float]:
+    """Per question: nats per token by which the method finds full attention's answer less likely."""
+    return {key: (r["forced"] - q["forced"]) / len(r["answer_ids"]) for key, (q, r) in _pairs(group, reference).items()
+            if q.get("forced") is not None and r.get("forced") is not None and r.get("answer_ids")}
+
+
+def _mean_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the mean of ``values``."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(BOOTSTRAP))
+    return means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]
 
 
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,12 +115,6 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (method, length), group in sorted(by.items(), key=lambda item: (item[0][0], item[0][1] or 10**9)):
         per_task = _scores(group)
         reference_cells = [c for c in by.get((REFERENCE, length), [])]
-        ref = _scores(reference_cells) if reference_cells and method != REFERENCE else None
-        common = per_task
-        if ref is not None:  # paired: only the questions both answered
-            common = {t: {k: v for k, v in s.items() if k in ref.get(t, {})} for t, s in per_task.items()}
-            common = {t: s for t, s in common.items() if s}
-            ref = {t: {k: ref[t][k] for k in s} for t, s in common.items()}
         keys = {t: sorted(s) for t, s in per_task.items() if s}
         low, high = _bootstrap(per_task, None)
         row = {"method": method, "length": length, "questions": sum(len(s) for s in per_task.values()),
@@ -121,12 +128,59 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "tokens_per_s": sum(c["context_tokens"] for c in group) / max(1e-9, sum(c["seconds"] for c in group))}
         if reference_cells and method != REFERENCE:
             row.update(_fidelity(group, reference_cells))
-        if ref is not None and common:
-            ckeys = {t: sorted(s) for t, s in common.items()}
-            row["delta"] = _task_average(common, ckeys) - _task_average(ref, ckeys)
-            row["delta_low"], row["delta_high"] = _bootstrap(common, ref)
+        paired = _paired(per_task, _scores(reference_cells)) if reference_cells and method != REFERENCE else None
+        if paired is not None:
+            row["delta"], row["delta_low"], row["delta_high"], _ = paired
         rows.append(row)
     return rows
+
+
+def _paired(a: dict[str, dict[tuple, float]], b: dict[str, dict[tuple, float]]
+            ) -> tuple[float, float, float, int] | None:
+    """Task-average accuracy of ``a`` minus ``b`` on the questions both answered, its paired 95 %
+    interval and the number of those questions; None when they share none."""
+    common = {t: {k: v for k, v in s.items() if k in b.get(t, {})} for t, s in a.items()}
+    common = {t: s for t, s in common.items() if s}
+    if not common:
+        return None
+    other = {t: {k: b[t][k] for k in s} for t, s in common.items()}
+    keys = {t: sorted(s) for t, s in common.items()}
+    low, high = _bootstrap(common, other)
+    return (_task_average(common, keys) - _task_average(other, keys), low, high,
+            sum(len(s) for s in common.values()))
+
+
+OURS = ("hc-12.5", "compact")
+"""The presets the head-to-head table sets against every peer: the paper's budget next to the model,
+and the compact preset's total bytes."""
+
+
+def head_to_head(cells: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Each of ``OURS`` against every peer (kvpress, the quantized caches, the classic policies) on the
+    questions both answered at every length: paired differences are far tighter than two intervals side
+    by side, so "ahead of" can be read off them — in accuracy, and in the NLL gap to full attention."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in cells:
+        by[cell["method"]].append(cell)
+    overall = {r["method"]: r for r in rows if r["length"] is None}
+    peers = sorted(m for m in by if m != REFERENCE and m not in OURS and not m.startswith("hc-"))
+    lines = ["| ours | peer | next to model, ours / peer | total, ours / peer | questions | Δ accuracy, ours − peer "
+             "| Δ NLL gap, ours − peer (nats/token) |", "|---|---|---|---|---|---|---|"]
+    for ours in (m for m in OURS if m in by):
+        mine, my_gaps = _scores(by[ours]), _nll_gaps(by[ours], by.get(REFERENCE, []))
+        for peer in peers:
+            paired = _paired(mine, _scores(by[peer]))
+            if paired is None:
+                continue
+            delta, low, high, n = paired
+            their_gaps = _nll_gaps(by[peer], by.get(REFERENCE, []))
+            diffs = [my_gaps[k] - their_gaps[k] for k in my_gaps if k in their_gaps]
+            gap = "–" if not diffs else "{:+.3f} [{:+.3f}, {:+.3f}]".format(_mean(diffs), *_mean_interval(diffs))
+            a, b = overall[ours], overall[peer]
+            lines.append(f"| {ours} | {peer} | {_pct(a['device_ratio'])} / {_pct(b['device_ratio'])} % | "
+                         f"{_pct(a['total_ratio'])} / {_pct(b['total_ratio'])} % | {n} | "
+                         f"{100 * delta:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | {gap} |")
+    return "\n".join(lines)
 
 
 def _mean(values) -> float | None:
@@ -289,6 +343,9 @@ def write_report(out: Path, output: Path | None = None, ablations: Sequence[Path
         "holds 200 %).", "", markdown(rows), "",
         "## Difference to full attention per length (points, paired 95 % interval)", "", markdown_deltas(rows), "",
         "## Per task (all lengths, %)", "", markdown_tasks(rows), "",
+        "## Head to head (all lengths, paired on the questions both answered)", "",
+        "Intervals: paired 95 % bootstrap. A negative NLL-gap difference means ours stays closer to full "
+        "attention's answers.", "", head_to_head(cells, rows), "",
     ]
     for ablation in ablations:
         ablation_cells = load_cells(Path(ablation))

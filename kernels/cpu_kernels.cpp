@@ -1,0 +1,190 @@
+// The CPU kernels of the method (compiled on first use by hcmemory.kernels.cpu_kernels).
+//
+// On a CPU the torch path of lookup-table scoring is an embedding_bag over every code plus an einsum
+// for the table: both pay per-call overheads and materialise index tensors that cost more than the
+// gathers themselves.  Here the table is built once per call in a buffer that stays in cache, and a
+// row's score is read straight from its codes.  Top-p selection finds each head's row count by
+// a quickselect on the mass and its rows by a partial selection, where torch sorts or runs topk.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRowBlock = 256;  // rows per parallel work item
+constexpr int64_t kMaxQueries = 64;  // queries per head one lookup-table call scores
+
+// table[h, j, k, q] = queries[h, q, j*s : (j+1)*s] . book[h, j, k, :]
+void build_table(const torch::Tensor& queries, const torch::Tensor& book, float* table) {
+  const int64_t heads = queries.size(0), m = queries.size(1), dim = queries.size(2);
+  const int64_t g = book.size(1), c = book.size(2), s = book.size(3);
+  const float* q = queries.data_ptr<float>();
+  const float* b = book.data_ptr<float>();
+  const int64_t b0 = book.stride(0), b1 = book.stride(1), b2 = book.stride(2), b3 = book.stride(3);
+  at::parallel_for(0, heads * g, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t hj = begin; hj < end; ++hj) {
+      const int64_t h = hj / g, j = hj % g;
+      const float* centroid = b + h * b0 + j * b1;
+      float* out = table + hj * c * m;
+      for (int64_t k = 0; k < c; ++k, centroid += b2, out += m) {
+        for (int64_t r = 0; r < m; ++r) {
+          const float* sub = q + (h * m + r) * dim + j * s;
+          float acc = 0.f;
+          for (int64_t e = 0; e < s; ++e) acc += sub[e] * centroid[e * b3];
+          out[r] = acc;
+        }
+      }
+    }
+  });
+}
+
+// scores[h, q, r] = sum_j table[h, j, codes[h, r, j], q]; M > 0 fixes the query count at compile time.
+template <typename Code, int M>
+void gather_scores(const float* table, const Code* codes, int64_t code_h, int64_t code_r, float* out,
+                   int64_t heads, int64_t n, int64_t g, int64_t c, int64_t m_runtime) {
+  using Index = std::make_unsigned_t<Code>;  // 16-bit codes are stored as their two's complement
+  const int64_t m = M > 0 ? M : m_runtime;
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    float acc[M > 0 ? M : kMaxQueries];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / blocks, start = (item % blocks) * kRowBlock;
+      const int64_t stop = std::min(n, start + kRowBlock);
+      const float* t = table + h * g * c * m;
+      float* o = out + h * m * n;
+      for (int64_t r = start; r < stop; ++r) {
+        const Code* row = codes + h * code_h + r * code_r;
+        for (int64_t q = 0; q < m; ++q) acc[q] = 0.f;
+        const float* tj = t;
+        for (int64_t j = 0; j < g; ++j, tj += c * m) {
+          const float* entry = tj + static_cast<int64_t>(static_cast<Index>(row[j])) * m;
+          for (int64_t q = 0; q < m; ++q) acc[q] += entry[q];
+        }
+        for (int64_t q = 0; q < m; ++q) o[q * n + r] = acc[q];
+      }
+    }
+  });
+}
+
+template <typename Code>
+void gather_dispatch(const float* table, const torch::Tensor& codes, float* out, int64_t heads, int64_t n,
+                     int64_t g, int64_t c, int64_t m) {
+  const Code* p = codes.data_ptr<Code>();
+  const int64_t sh = codes.stride(0), sr = codes.stride(1);
+  switch (m) {  // the common query-group sizes (GQA) get unrolled inner loops
+    case 1: return gather_scores<Code, 1>(table, p, sh, sr, out, heads, n, g, c, m);
+    case 2: return gather_scores<Code, 2>(table, p, sh, sr, out, heads, n, g, c, m);
+    case 3: return gather_scores<Code, 3>(table, p, sh, sr, out, heads, n, g, c, m);
+    case 4: return gather_scores<Code, 4>(table, p, sh, sr, out, heads, n, g, c, m);
+    case 8: return gather_scores<Code, 8>(table, p, sh, sr, out, heads, n, g, c, m);
+    default: return gather_scores<Code, 0>(table, p, sh, sr, out, heads, n, g, c, m);
+  }
+}
+
+}  // namespace
+
+// queries (heads, m, dim) float32 contiguous; book (heads, g, c, s) float32, any strides (expanded
+// views of shared codebooks); codes (heads, n, g) uint8 or int16 with unit stride along a row.
+torch::Tensor lut_scores(const torch::Tensor& queries, const torch::Tensor& book, const torch::Tensor& codes) {
+  TORCH_CHECK(queries.dim() == 3 && book.dim() == 4 && codes.dim() == 3, "lut_scores: bad ranks");
+  TORCH_CHECK(queries.scalar_type() == torch::kFloat && queries.is_contiguous(), "lut_scores: queries");
+  TORCH_CHECK(book.scalar_type() == torch::kFloat, "lut_scores: book must be float32");
+  TORCH_CHECK(codes.stride(2) == 1 || codes.size(2) == 1, "lut_scores: codes need unit stride along a row");
+  const int64_t heads = queries.size(0), m = queries.size(1);
+  const int64_t g = book.size(1), c = book.size(2), n = codes.size(1);
+  TORCH_CHECK(book.size(0) == heads && codes.size(0) == heads && codes.size(2) == g &&
+              book.size(3) * g == queries.size(2), "lut_scores: shapes do not match");
+  TORCH_CHECK(m <= kMaxQueries, "lut_scores: at most ", kMaxQueries, " queries per head");
+  auto out = torch::empty({heads, m, n}, queries.options());
+  if (n == 0) return out;
+  std::vector<float> table(heads * g * c * m);
+  build_table(queries, book, table.data());
+  if (codes.scalar_type() == torch::kByte) {
+    gather_dispatch<uint8_t>(table.data(), codes, out.data_ptr<float>(), heads, n, g, c, m);
+  } else {
+    TORCH_CHECK(codes.scalar_type() == torch::kShort, "lut_scores: codes must be uint8 or int16");
+    gather_dispatch<int16_t>(table.data(), codes, out.data_ptr<float>(), heads, n, g, c, m);
+  }
+  return out;
+}
+
+namespace {
+
+// The smallest k whose k heaviest values sum to at least target (n when none does): a quickselect that
+// partitions by a pivot and keeps whole partitions while their mass is not enough, O(n) on average.
+int64_t rows_needed(std::vector<float>& values, double target) {
+  int64_t lo = 0, hi = static_cast<int64_t>(values.size()), count = 0;
+  double need = target;
+  while (lo < hi && need > 0) {
+    const float a = values[lo], b = values[lo + (hi - lo) / 2], c = values[hi - 1];
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
+    const auto greater = std::partition(values.begin() + lo, values.begin() + hi, [pivot](float v) { return v > pivot; });
+    const auto equal = std::partition(greater, values.begin() + hi, [pivot](float v) { return v == pivot; });
+    const int64_t n_greater = greater - values.begin() - lo, n_equal = equal - greater;
+    const double mass_greater = std::accumulate(values.begin() + lo, greater, 0.0);
+    if (n_greater && mass_greater >= need) {  // the answer lies among the heavier rows
+      hi = lo + n_greater;
+      continue;
+    }
+    const double rest = need - mass_greater;
+    if (pivot > 0 && n_equal * static_cast<double>(pivot) >= rest) {
+      return count + n_greater + std::min<int64_t>(n_equal, static_cast<int64_t>(std::ceil(rest / pivot)));
+    }
+    count += n_greater + n_equal;
+    need = rest - n_equal * static_cast<double>(pivot);
+    lo += n_greater + n_equal;
+  }
+  return count;
+}
+
+}  // namespace
+
+// Per head the smallest set of rows whose mass reaches top_p of the head's total; k = the largest such
+// count (at least min_rows); every head returns its k heaviest rows, in ascending index order.  No sort
+// and no index permutation: a quickselect on the values finds each head's count, another the value of
+// its k-th heaviest row, and one pass writes the rows above it (then ties, first rows first).
+torch::Tensor top_p_rows(const torch::Tensor& mass, double top_p, int64_t min_rows) {
+  TORCH_CHECK(mass.dim() == 2 && mass.scalar_type() == torch::kFloat && mass.is_contiguous(),
+              "top_p_rows: mass must be a contiguous float32 (heads, n) tensor");
+  const int64_t heads = mass.size(0), n = mass.size(1);
+  const float* data = mass.data_ptr<float>();
+  std::vector<std::vector<float>> values(heads);
+  std::vector<int64_t> needed(heads);
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      values[h].assign(data + h * n, data + (h + 1) * n);
+      const double total = std::accumulate(values[h].begin(), values[h].end(), 0.0);
+      needed[h] = std::max<int64_t>(1, std::min(n, rows_needed(values[h], top_p * total)));
+    }
+  });
+  const int64_t k = std::min(n, std::max(*std::max_element(needed.begin(), needed.end()), min_rows));
+  auto out = torch::empty({heads, k}, mass.options().dtype(torch::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      const float* row = data + h * n;
+      auto& v = values[h];
+      std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<float>());
+      const float threshold = v[k - 1];
+      int64_t ties = k - std::count_if(row, row + n, [threshold](float x) { return x > threshold; });
+      int64_t* w = o + h * k;
+      for (int64_t i = 0; i < n; ++i) {
+        if (row[i] > threshold || (row[i] == threshold && ties-- > 0)) *w++ = i;
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("lut_scores", &lut_scores, "lookup-table scores of VQ codes");
+  module.def("top_p_rows", &top_p_rows, "top-p row selection per head");
+}
