@@ -15,6 +15,7 @@ returns None once and logs why, and ``auto`` uses the torch path: same answers, 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def module():
                 from torch.utils.cpp_extension import load
 
                 log.info("compiling hcmemory's CPU kernels (once; cached by torch)")
-                _module = load("hcmemory_cpu_kernels", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"])
+                # torch keys its cache on the source and flags only: the name keeps builds against
+                # different torch versions (another venv) apart
+                name = "hcmemory_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__)
+                _module = load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as error:  # no compiler, no ninja, a read-only cache: the torch path works
                 _failure = f"{type(error).__name__}: {error}".splitlines()[0]
                 log.warning("hcmemory's CPU kernels did not build (%s); using the slower torch path", _failure)
