@@ -158,13 +158,17 @@ torch::Tensor top_p_rows(const torch::Tensor& mass, double top_p, int64_t min_ro
   const float* data = mass.data_ptr<float>();
   std::vector<std::vector<float>> values(heads);
   std::vector<int64_t> needed(heads);
+  std::vector<char> finite(heads);
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       values[h].assign(data + h * n, data + (h + 1) * n);
       const double total = std::accumulate(values[h].begin(), values[h].end(), 0.0);
-      needed[h] = std::max<int64_t>(1, std::min(n, rows_needed(values[h], top_p * total)));
+      finite[h] = std::isfinite(total);  // a NaN would never leave the quickselect's partitions
+      needed[h] = finite[h] ? std::max<int64_t>(1, std::min(n, rows_needed(values[h], top_p * total))) : 0;
     }
   });
+  TORCH_CHECK(std::all_of(finite.begin(), finite.end(), [](char f) { return f; }),
+              "top_p_rows: the attention mass holds NaN or inf (the scores it came from overflowed or were NaN)");
   const int64_t k = std::min(n, std::max(*std::max_element(needed.begin(), needed.end()), min_rows));
   auto out = torch::empty({heads, k}, mass.options().dtype(torch::kLong));
   int64_t* o = out.data_ptr<int64_t>();

@@ -75,6 +75,13 @@ def test_top_p_rows_with_ties_and_zeros():
     assert cpu_kernels.top_p_rows(mass[2:], 0.5).tolist() == [[1]]
 
 
+def test_top_p_rows_refuses_nan_mass_instead_of_choosing_quietly():
+    mass = torch.softmax(torch.randn(2, 50), dim=-1)
+    mass[1, 7] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        cpu_kernels.top_p_rows(mass, 0.9)
+
+
 def test_auto_chooses_the_cpu_kernels_and_a_forced_kernel_that_cannot_build_raises(monkeypatch):
     assert choose(torch.zeros(1), "auto") == "cpp"
     assert choose(torch.zeros(1), "torch") == "torch"
