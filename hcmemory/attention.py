@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .rows import RowBuffer
 
 _QUERY_BLOCK_BYTES = 64 * 2**20
-"""Score matrices of a prefill chunk are built in query blocks of at most this many bytes."""
+"""Explicit score matrices of a prefill chunk are built in query blocks of at most this many bytes."""
 
 
 class LayerView(Protocol):
@@ -39,6 +39,7 @@ class LayerView(Protocol):
 
     config: "HCConfig"
     heads: int
+    device: torch.device
     seen: int
     positions: "RowBuffer"
     last_selected: int
@@ -75,7 +76,10 @@ def attend(layer: LayerView, query: torch.Tensor, scaling: float, window: int | 
         return _exact_sdpa(layer, query, scaling, window)
     # the query heads of one KV head side by side; a block stacks them as (heads, groups * rows, dim)
     grouped = query[0].view(heads, groups, chunk, dim)
-    block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer)))
+    # explicit score matrices are bounded by query blocks; the fused kernel needs none, and each block
+    # reads the rows again (across the bus, for a chunk computed next to the model)
+    explicit_scores = not layer.config.rescore or layer.observes_attention
+    block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer))) if explicit_scores else chunk
     outs = []
     for start in range(0, chunk, block):
         stop = min(chunk, start + block)
@@ -84,6 +88,14 @@ def attend(layer: LayerView, query: torch.Tensor, scaling: float, window: int | 
         outs.append(out.view(heads, groups, stop - start, dim))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.reshape(1, q_heads, chunk, dim).to(query.device, query.dtype)
+
+
+def _compute_device(layer: LayerView, chunk: int) -> torch.device:
+    """Where a step's attention runs.  A decode step's few queries go to the rows: the weighted sum
+    runs where the values live, the paper's split.  A prefill chunk of many queries would cost
+    queries x rows multiply-adds per head on the host, so the rows come to the model instead and each
+    crosses the bus once per chunk (on a CPU-only machine both are the CPU)."""
+    return layer.device if chunk > layer.config.selection_queries else layer.value_device
 
 
 def _query_positions(layer: LayerView, chunk: int, first: int, rows: int, device: torch.device) -> torch.Tensor:
@@ -109,9 +121,10 @@ def _outside_window(layer: LayerView, chunk: int, window: int | None) -> bool:
 
 def _exact_sdpa(layer: LayerView, query: torch.Tensor, scaling: float, window: int | None) -> torch.Tensor:
     """Identity state, nothing to observe: exactly what transformers' SDPA path computes."""
-    keys, values = layer.exact_rows(0, len(layer))
-    chunk, n = query.shape[2], keys.shape[1]
-    where = values.device
+    chunk = query.shape[2]
+    where = _compute_device(layer, chunk)
+    keys, values = (rows.to(where) for rows in layer.exact_rows(0, len(layer)))
+    n = keys.shape[1]
     mask = None
     if _outside_window(layer, chunk, window):
         mask = _window_mask(layer, layer.positions.view()[0].to(where), chunk, 0, chunk, window)
@@ -141,7 +154,7 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
     """
     n = len(layer)
     sink_end, recent_start = layer.exact_window(n - chunk)
-    where = layer.value_device
+    where = _compute_device(layer, chunk)
     heads, groups = layer.heads, q.shape[1] // rows
     q_rows = q.to(where, torch.float32)
     approx_scores, index = None, None
@@ -155,8 +168,11 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
         if config.rescore:  # scores only select: a sample of the chunk's queries is enough
             step = max(1, rows // config.selection_queries)
             sample = q.view(heads, groups, rows, -1)[:, :, ::step].reshape(heads, -1, q.shape[-1])
-            approx = layer.approx_scores(sample, sink_end, recent_start) if config.selection_scores == "codes" \
-                else sample.to(where, torch.float32) @ layer.exact_rows(sink_end, recent_start)[0].float().mT
+            if config.selection_scores == "codes":
+                approx = layer.approx_scores(sample, sink_end, recent_start)
+            else:
+                exact_keys = layer.exact_rows(sink_end, recent_start)[0].to(where)
+                approx = sample.to(where, torch.float32) @ exact_keys.float().mT
         else:  # the paper's way: the approximate scores are the weights of every query
             approx = layer.approx_scores(q, sink_end, recent_start)
         if top_p < 1.0:
@@ -179,6 +195,7 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
         values = layer.values_at(index)
     else:  # every row is read exactly (uncompressed keys, or a selection keeping all): in place, in order
         keys, values = layer.exact_rows(0, n)
+    keys, values = keys.to(where), values.to(where)
     selected = 0 if index is None else index.shape[1] - exact_count
     if _outside_window(layer, chunk, window):
         positions = layer.positions.view()[0].to(where)
@@ -209,5 +226,5 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
         observed = probs.sum(dim=1)
         if index is not None:
             observed = torch.zeros(heads, n, device=where).scatter_add_(1, index, observed)
-        layer.observe(observed, queries=groups * rows)
+        layer.observe(observed.to(layer.value_device), queries=groups * rows)
     return probs @ values

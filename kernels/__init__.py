@@ -4,8 +4,8 @@ The pure-torch implementations (``codecs``' ``score``, ``selection.top_p_select`
 and the fallback.  ``triton_kernels`` holds the GPU versions of three hot steps (lookup-table scoring
 of VQ codes, top-p row selection, dequantise-and-score of packed int rows); ``cpu_kernels`` the C++
 versions of the first two, compiled on first use.  ``backend`` (``HCConfig.kernel``) picks: ``auto``
-runs Triton on CUDA tensors (when triton is installed), the C++ kernels on CPU tensors (when they
-build) and torch elsewhere; ``torch``, ``triton`` and ``cpp`` force one (``triton`` on the CPU needs
+runs Triton on CUDA tensors (when triton is installed; top-p keeps torch's there, see ``top_p_impl``),
+the C++ kernels on CPU tensors (when they build) and torch elsewhere; ``torch``, ``triton`` and ``cpp`` force one (``triton`` on the CPU needs
 ``TRITON_INTERPRET=1``: slow, for correctness tests).
 
 This module imports nothing at import time but the standard library: with a checkout's root on
@@ -73,9 +73,13 @@ def approx_scores(codec: Codec, queries: torch.Tensor, codes: torch.Tensor, back
 
 def top_p_impl(tensor: torch.Tensor, backend: str = "auto") -> Callable[..., torch.Tensor] | None:
     """The top-p row selection to use for tensors like ``tensor`` (called as ``(mass, top_p, hint,
-    min_rows)``): a kernel, or None for the reference ``selection.top_p_select``."""
+    min_rows)``): a kernel, or None for the reference ``selection.top_p_select``.
+
+    On a GPU ``auto`` keeps the reference: the Triton top-p walks each head's rows in one program, so
+    all but ``heads`` of the GPU's multiprocessors idle, while torch's segmented sort and top-k use all
+    of them (``benchmarks/bench_gpu.py`` times both); ``triton`` forces the kernel."""
     chosen = choose(tensor, backend)
-    if chosen == "triton":
+    if chosen == "triton" and backend == "triton":
         from . import triton_kernels
 
         return lambda mass, top_p, hint=0, min_rows=0: triton_kernels.top_p_rows(mass, top_p, min_rows)

@@ -20,6 +20,9 @@ import triton
 import triton.language as tl
 
 _BLOCK_N = 64
+"""Rows per program of the scoring kernels (a grid of many programs covers the context)."""
+_SCAN_BLOCK = 1024
+"""Rows per loop step of the top-p kernels: one program per head walks every row, so wide steps."""
 _BISECTIONS = 40
 
 
@@ -127,12 +130,12 @@ def top_p_rows(mass: torch.Tensor, top_p: float, min_rows: int = 0) -> torch.Ten
     thresholds = torch.empty(heads, dtype=torch.float32, device=mass.device)
     counts = torch.empty(heads, dtype=torch.int32, device=mass.device)
     _threshold[(heads,)](mass, n, top_p, 0, thresholds, counts, BY_COUNT=False, BISECTIONS=_BISECTIONS,
-                         BLOCK_N=_BLOCK_N)
+                         BLOCK_N=_SCAN_BLOCK)
     k = min(n, max(int(counts.max()), min_rows))  # the one device-to-host read of the step
     _threshold[(heads,)](mass, n, top_p, k, thresholds, counts, BY_COUNT=True, BISECTIONS=_BISECTIONS,
-                         BLOCK_N=_BLOCK_N)
+                         BLOCK_N=_SCAN_BLOCK)
     out = torch.full((heads, k), -1, dtype=torch.int64, device=mass.device)
-    _compact[(heads,)](mass, n, thresholds, out, k, BLOCK_N=_BLOCK_N)
+    _compact[(heads,)](mass, n, thresholds, out, k, BLOCK_N=_SCAN_BLOCK)
     return out
 
 

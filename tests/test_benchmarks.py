@@ -22,12 +22,23 @@ def run_bench(module: str, args: list[str], tmp_path: Path) -> dict:
 
 def test_gpu_benchmark_runs_at_toy_sizes(tmp_path):
     results = run_bench("bench_gpu", ["--toy", "--lengths", "128", "300"], tmp_path)["gpu.json"]
+    assert not [r for r in results["rows"] if "error" in r], "no row failed"
     caches = {(r["tokens"], r["cache"]) for r in results["rows"] if "cache" in r}
     assert {(128, "hc-12.5"), (128, "DynamicCache"), (300, "hc-12.5")} <= caches
     first = next(r for r in results["rows"] if r.get("cache") == "hc-12.5" and r["tokens"] == 128)
     assert first["prefill_tok_s"] > 0 and first["decode_tok_s"] > 0 and first["device_bytes"] > 0
-    assert any(r.get("what", "").startswith("codes scored") for r in results["rows"])
+    later = next(r for r in results["rows"] if r.get("cache") == "hc-12.5" and r["tokens"] == 300)
+    assert later["fill_s"] > 0 and 0 < later["selected_fraction"] < 1, "the synthetic keys leave top-p a choice"
+    kernels = {(r["tokens"], r["what"], r["backend"]) for r in results["rows"] if r["part"] == "kernel" and "ms" in r}
+    for tokens in (128, 300):
+        assert (tokens, "SDPA over fp16 K/V (reference)", "torch") in kernels
+        assert (tokens, "VQ codes scored (lookup table)", "torch") in kernels
+        assert (tokens, "top-p 0.9 of one layer's mass", "torch") in kernels
     assert results["device"] and results["toy"] is True
+
+    stopped = run_bench("bench_gpu", ["--toy", "--lengths", "128", "--deadline", "0", "--name", "late"],
+                        tmp_path)["late.json"]
+    assert {r.get("skipped") for r in stopped["rows"] if r["part"] == "end to end"} == {"deadline"}
 
 
 def test_scaling_benchmark_runs_at_toy_sizes(tmp_path):

@@ -1,5 +1,6 @@
-"""The Triton kernels against the torch reference, run on the CPU by Triton's interpreter: random shapes
-(odd lengths, not multiples of the block), strided code buffers, poisoned outputs, fp32 and fp16."""
+"""The Triton kernels against the torch reference: random shapes (odd lengths, not multiples of the block),
+strided code buffers, poisoned outputs, fp32 and fp16.  Compiled on a GPU where there is one (the GPU
+session runs this file there), else run on the CPU by Triton's interpreter."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hcmemory.kernels import approx_scores, choose, top_p_impl, triton_kernels  
 from hcmemory.selection import top_p_select  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -22,7 +24,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def strided(codes: torch.Tensor, spare: int = 7) -> torch.Tensor:
     """The codes as rows of a larger buffer, like the cache's row buffers (capacity beyond the rows)."""
     heads, n, width = codes.shape
-    buffer = torch.zeros(heads, n + spare, width, dtype=codes.dtype)
+    buffer = torch.zeros(heads, n + spare, width, dtype=codes.dtype, device=codes.device)
     buffer[:, :n] = codes
     return buffer[:, :n]
 
@@ -33,12 +35,13 @@ def strided(codes: torch.Tensor, spare: int = 7) -> torch.Tensor:
 def test_lut_scores_equal_the_reference(subvector, centroids, sharing, n, queries, dtype):
     torch.manual_seed(n + queries)
     heads, dim = 3, 16
-    codec = VQCodec(heads, dim, subvector_dim=subvector, centroids=centroids, sharing=sharing, kmeans_iters=2)
-    codec.fit(torch.randn(heads, 400, dim))
-    codes = strided(codec.encode(torch.randn(heads, n, dim)))
-    q = torch.randn(heads, queries, dim).to(dtype)
+    codec = VQCodec(heads, dim, subvector_dim=subvector, centroids=centroids, sharing=sharing, kmeans_iters=2,
+                    device=DEVICE)
+    codec.fit(torch.randn(heads, 400, dim, device=DEVICE))
+    codes = strided(codec.encode(torch.randn(heads, n, dim, device=DEVICE)))
+    q = torch.randn(heads, queries, dim, device=DEVICE).to(dtype)
     expected = codec._score_decoded(q.float(), codes)
-    out = torch.full((heads, queries, n), float("nan"))
+    out = torch.full((heads, queries, n), float("nan"), device=DEVICE)
     got = triton_kernels.lut_scores(codec.lookup_table(q), codes, out=out)
     assert got is out and not torch.isnan(got).any(), "every score is written"
     assert relative_error(got, expected) < TOLERANCE[dtype]
@@ -52,24 +55,24 @@ def test_lut_scores_equal_the_reference(subvector, centroids, sharing, n, querie
 def test_uniform_scores_equal_the_reference(bits, axis, n, queries, dtype):
     torch.manual_seed(bits * n)
     heads, dim = 2, 64
-    codec = UniformCodec(heads, dim, bits=bits, axis=axis)
-    codec.fit(torch.randn(heads, 300, dim) * 3 + 1)
-    codes = strided(codec.encode(torch.randn(heads, n, dim) * 3 + 1))
-    q = torch.randn(heads, queries, dim).to(dtype)
+    codec = UniformCodec(heads, dim, bits=bits, axis=axis, device=DEVICE)
+    codec.fit(torch.randn(heads, 300, dim, device=DEVICE) * 3 + 1)
+    codes = strided(codec.encode(torch.randn(heads, n, dim, device=DEVICE) * 3 + 1))
+    q = torch.randn(heads, queries, dim, device=DEVICE).to(dtype)
     expected = q.float() @ codec.decode(codes).transpose(-1, -2)
-    out = torch.full((heads, queries, n), float("nan"))
+    out = torch.full((heads, queries, n), float("nan"), device=DEVICE)
     shift, scale = codec.channel_stats(codes.device) if axis == "channel" else (None, None)
     got = triton_kernels.uniform_scores(q, codes, bits, codec.group_size, shift, scale, out=out)
     assert got is out and not torch.isnan(got).any()
     assert relative_error(got, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("n", [5, 63, 64, 200, 517])
+@pytest.mark.parametrize("n", [5, 63, 64, 200, 517, 2500])
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
 @pytest.mark.parametrize("min_rows", [0, 40])
 def test_top_p_rows_choose_the_reference_rows(n, top_p, min_rows):
     torch.manual_seed(n)
-    mass = torch.softmax(torch.randn(3, n) * 3, dim=-1)
+    mass = torch.softmax(torch.randn(3, n, device=DEVICE) * 3, dim=-1)
     expected = top_p_select(mass, top_p, min_rows=min_rows)
     got = top_p_impl(mass, "triton")(mass, top_p, min_rows=min_rows)
     assert got.shape == expected.shape and (got >= 0).all()
