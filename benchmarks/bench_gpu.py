@@ -254,7 +254,8 @@ def end_to_end_row(model: LlamaForCausalLM, method: str, make: Callable[[], Any]
         if isinstance(cache, HCCache):
             stats = cache.stats()
             row.update(device_bytes=stats.device_bytes, host_bytes=stats.host_bytes,
-                       selected_fraction=stats.selected_fraction, kernel=choose(torch.empty(0, device=device), "auto"))
+                       selected_fraction=stats.selected_fraction, kernel=choose(torch.empty(0, device=device), "auto"),
+                       host_kernel=choose(torch.empty(0), "auto"))
     except Exception as error:  # noqa: BLE001 - recorded with the row; the next row still runs
         row["error"] = _error(error)
     finally:
@@ -267,8 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toy", action="store_true", help="toy sizes on any device (what make test runs)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="context lengths, in order (the first gets a real prefill)")
-    parser.add_argument("--kernel-lengths", type=int, nargs="+", default=None,
-                        help="lengths of the kernel timings (default: --lengths)")
+    parser.add_argument("--kernel-lengths", type=int, nargs="*", default=None,
+                        help="lengths of the kernel timings (default: --lengths; none: skip them)")
+    parser.add_argument("--no-prefill", action="store_true", help="fill the first length directly too")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which no new end-to-end row starts (a lease is short)")
     parser.add_argument("--name", default="gpu", help="results file name (benchmarks/results/NAME.json)")
@@ -282,13 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     lengths = args.lengths or ([256, 1024] if toy else [32768, 131072, 1048576, 524288])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows: list[dict[str, Any]] = []
+    host_kernel = choose(torch.empty(0), "auto")  # builds the CPU kernels now, not inside a timed step
+    log.info("host kernels: %s (%.0f s in)", host_kernel, time.perf_counter() - began)
 
     def save() -> None:
         write_results(args.name, rows, device=name, toy=toy, key_scale=KEY_SCALE, decode_steps=DECODE_STEPS,
-                      host_threads=torch.get_num_threads())
+                      host_threads=torch.get_num_threads(), host_kernel=host_kernel)
 
     kernel_shape = dict(heads=2, q_heads=4, dim=32, repeats=2) if toy else {}
-    for tokens in args.kernel_lengths or lengths:
+    for tokens in lengths if args.kernel_lengths is None else args.kernel_lengths:
         rows += kernel_rows(tokens, device, **kernel_shape)
         log.info("kernels at %d rows: %s", tokens, [(r["what"], r["backend"], r.get("ms")) for r in rows[-9:]
                                                       if "backend" in r])
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.deadline is not None and time.perf_counter() - began > args.deadline:
                 rows.append({"part": "end to end", "tokens": tokens, "cache": method, "skipped": "deadline"})
                 continue
-            rows.append(end_to_end_row(model, method, make, tokens, i == 0, device, dtype))
+            rows.append(end_to_end_row(model, method, make, tokens, i == 0 and not args.no_prefill, device, dtype))
             log.info("%s", rows[-1])
             save()
     save()

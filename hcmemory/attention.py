@@ -18,12 +18,13 @@ transformers over a different number of rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import top_p_impl
+from .kernels import gather_attention_impl, top_p_impl
 from .selection import select_rows
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class LayerView(Protocol):
     def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
     def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor: ...
     def values_at(self, index: torch.Tensor) -> torch.Tensor: ...
+    def row_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
     def record_selection(self, selected: int, selectable: int) -> None: ...
     def observe(self, step_mass: torch.Tensor, queries: int) -> None: ...
 
@@ -96,6 +98,20 @@ def _compute_device(layer: LayerView, chunk: int) -> torch.device:
     queries x rows multiply-adds per head on the host, so the rows come to the model instead and each
     crosses the bus once per chunk (on a CPU-only machine both are the CPU)."""
     return layer.device if chunk > layer.config.selection_queries else layer.value_device
+
+
+def _fused_attention(layer: LayerView, chunk: int, window: int | None, index: torch.Tensor
+                     ) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None:
+    """A decode step over re-scored rows that every query sees, as one kernel reading the selected rows
+    in place (``hcmemory.kernels``), when the rows' layout and the backend allow; else None."""
+    config = layer.config
+    if not config.rescore or chunk != 1 or layer.observes_attention or _outside_window(layer, chunk, window):
+        return None
+    kernel = gather_attention_impl(index, config.kernel)
+    buffers = layer.row_buffers() if kernel is not None else None
+    if buffers is None or buffers[0].device != index.device:
+        return None
+    return lambda queries, rows, scale: kernel(queries, *buffers, rows, scale)
 
 
 def _query_positions(layer: LayerView, chunk: int, first: int, rows: int, device: torch.device) -> torch.Tensor:
@@ -186,6 +202,9 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
         exact = torch.cat([torch.arange(sink_end, device=where),
                            torch.arange(recent_start, n, device=where)]).expand(heads, -1)
         index = torch.cat([compressed, exact], dim=1)  # one gather reads the selected rows, then the exact ones
+        fused = _fused_attention(layer, chunk, window, index)
+        if fused is not None:
+            return fused(q_rows, index, scaling)
         if config.rescore:
             keys = layer.exact_keys_at(index)
         else:

@@ -85,14 +85,16 @@ class HCLayer(CacheLayerMixin):
     def _reset_stores(self, codecs: LayerCodecs) -> None:
         """Empty stores for ``codecs``; key codes start exact when the codecs still need fitting."""
         growth = self.config.store_growth
-        pinned = self.device.type == "cuda"  # host rows the GPU exchanges with: page-locked
+        # host rows stay pageable: page-locked, every geometric growth pinned a new block and torch kept the
+        # old ones (an H200 fill of 128K tokens took 134 s and held 67 GB pinned for 17 GB of rows), for
+        # transfers that are small on the decode path (indices, queries, outputs)
         self.codecs = codecs
         self.calibrated = not any(c is not None and c.needs_fit for c in (codecs.keys, codecs.exact_keys))
         key_codec = codecs.keys if self.calibrated else IdentityCodec(self.heads, self.dim, device=self.device)
         self.key_codes = CodedRows(key_codec, self.device, growth)
-        self.exact_keys = (CodedRows(codecs.exact_keys, HOST, growth, pinned)
+        self.exact_keys = (CodedRows(codecs.exact_keys, HOST, growth)
                            if self.calibrated and codecs.exact_keys is not None else None)
-        self.values = CodedRows(codecs.values, self.value_device, growth, pinned)
+        self.values = CodedRows(codecs.values, self.value_device, growth)
         self.positions = RowBuffer(1, (), torch.int64, HOST, growth)
         self.mass = RowBuffer(self.heads, (), torch.float32, self.value_device, growth) \
             if self.observes_attention else None
@@ -222,6 +224,21 @@ class HCLayer(CacheLayerMixin):
     def values_at(self, index: torch.Tensor) -> torch.Tensor:
         return self.values.gather_decoded(index)
 
+    def row_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole ``(heads, capacity, dim)`` buffers of the exact keys and of the values, when both keep
+        plain float rows of one layout where the values live: a fused kernel reads the selected rows in
+        place.  None when either is quantized or holds residuals."""
+        keys = self.exact_keys if self.exact_keys is not None else self.key_codes
+        stores = (keys, self.values)
+        if self.codecs.residual or any(not isinstance(s.codec, IdentityCodec) or s.rows is None
+                                       or s.device != self.value_device for s in stores):
+            return None
+        key_rows, value_rows = keys.rows.data, self.values.rows.data
+        if key_rows.dtype != value_rows.dtype or key_rows.stride() != value_rows.stride() \
+                or key_rows.shape != value_rows.shape:
+            return None
+        return key_rows, value_rows
+
     def record_selection(self, selected: int, selectable: int) -> None:
         self.selected_rows += selected
         self.selectable_rows += selectable
@@ -349,7 +366,7 @@ class HCLayer(CacheLayerMixin):
         key_codes.append(keys)
         exact = None
         if codecs.exact_keys is not None:
-            exact = CodedRows(codecs.exact_keys, HOST, self.config.store_growth, self.device.type == "cuda")
+            exact = CodedRows(codecs.exact_keys, HOST, self.config.store_growth)
             exact.append(codecs.exact_input(keys, key_codes.codes()))
         self.codecs, self.key_codes, self.exact_keys, self.calibrated = codecs, key_codes, exact, True
 

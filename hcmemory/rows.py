@@ -26,12 +26,10 @@ class RowBuffer:
     """
 
     def __init__(self, heads: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
-                 growth: int = 256, pinned: bool = False) -> None:
+                 growth: int = 256) -> None:
         self.heads = heads
         self.row_shape = tuple(row_shape)
         self.growth = growth
-        self.pinned = pinned and torch.device(device).type == "cpu" and torch.cuda.is_available()
-        """Host rows a GPU reads and writes are page-locked, so transfers go at full PCIe speed."""
         self.data = self._empty(0, dtype, torch.device(device))
         self.len = 0
         self._shared = False
@@ -39,7 +37,7 @@ class RowBuffer:
     def _empty(self, rows: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         with torch.inference_mode(False):
             return torch.empty((self.heads, rows, *self.row_shape), dtype=dtype or self.dtype,
-                               device=device or self.device, pin_memory=self.pinned)
+                               device=device or self.device)
 
     @property
     def capacity(self) -> int:
@@ -127,7 +125,7 @@ class RowBuffer:
     def fork(self) -> "RowBuffer":
         """A copy that shares storage until either side writes (O(1) now, one copy per side later)."""
         twin = RowBuffer.__new__(RowBuffer)
-        twin.heads, twin.row_shape, twin.growth, twin.pinned = self.heads, self.row_shape, self.growth, self.pinned
+        twin.heads, twin.row_shape, twin.growth = self.heads, self.row_shape, self.growth
         twin.data, twin.len = self.data, self.len
         twin._shared = self._shared = True
         return twin
@@ -152,11 +150,10 @@ class CodedRows:
     separate so a layer can encode all its stores before it writes any of them.
     """
 
-    def __init__(self, codec: Codec, device: torch.device | str, growth: int = 256, pinned: bool = False) -> None:
+    def __init__(self, codec: Codec, device: torch.device | str, growth: int = 256) -> None:
         self.codec = codec
         self.device = torch.device(device)
         self.growth = growth
-        self.pinned = pinned
         self.rows: RowBuffer | None = None
 
     def __len__(self) -> int:
@@ -169,8 +166,7 @@ class CodedRows:
 
     def _buffer(self, codes: torch.Tensor) -> RowBuffer:
         if self.rows is None:
-            self.rows = RowBuffer(codes.shape[0], tuple(codes.shape[2:]), codes.dtype, self.device, self.growth,
-                                  self.pinned)
+            self.rows = RowBuffer(codes.shape[0], tuple(codes.shape[2:]), codes.dtype, self.device, self.growth)
         return self.rows
 
     def append_codes(self, codes: torch.Tensor) -> None:
@@ -212,7 +208,7 @@ class CodedRows:
 
     def fork(self) -> "CodedRows":
         """Shares rows copy-on-write and the codec (a fitted codec never changes afterwards)."""
-        twin = CodedRows(self.codec, self.device, self.growth, self.pinned)
+        twin = CodedRows(self.codec, self.device, self.growth)
         twin.rows = None if self.rows is None else self.rows.fork()
         return twin
 

@@ -5,9 +5,14 @@
 // gathers themselves.  Here the table is built once per call in a buffer that stays in cache, and a
 // row's score is read straight from its codes.  Top-p selection finds each head's row count by
 // a quickselect on the mass and its rows by a partial selection, where torch sorts or runs topk.
+// Attention over a decode step's selected rows gathers, converts and weighs each row in one pass
+// (torch gathers the keys, converts them, gathers the values, converts them, then runs SDPA).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -188,7 +193,141 @@ torch::Tensor top_p_rows(const torch::Tensor& mass, double top_p, int64_t min_ro
   return out;
 }
 
+namespace {
+
+constexpr int64_t kAttendBlock = 128;  // selected rows per parallel work item of gather_attention
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void to_float(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// One work item: rows [start, stop) of head h's selection.  Scores of every query of the head's group,
+// then the block's softmax numerators and their weighted sum of values, kept unnormalised with the
+// block's maximum so blocks merge exactly afterwards (the split-K decoding of flash-decoding).
+template <typename T>
+void attend_block(const float* q, const T* keys, const T* values, const int64_t* index, int64_t start,
+                  int64_t stop, int64_t m, int64_t dim, int64_t row_stride, float scale, float* scores,
+                  float* row, float* block_max, float* block_sum, float* block_acc) {
+  const int64_t rows = stop - start;
+  for (int64_t r = 0; r < rows; ++r) {
+    to_float(keys + index[start + r] * row_stride, row, dim);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* qi = q + i * dim;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < dim; ++d) acc += qi[d] * row[d];
+      scores[r * m + i] = acc * scale;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    float top = -INFINITY;
+    for (int64_t r = 0; r < rows; ++r) top = std::max(top, scores[r * m + i]);
+    block_max[i] = top;
+    block_sum[i] = 0.f;
+  }
+  std::fill(block_acc, block_acc + m * dim, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    to_float(values + index[start + r] * row_stride, row, dim);
+    for (int64_t i = 0; i < m; ++i) {
+      const float p = std::exp(scores[r * m + i] - block_max[i]);
+      block_sum[i] += p;
+      float* acc = block_acc + i * dim;
+      for (int64_t d = 0; d < dim; ++d) acc[d] += p * row[d];
+    }
+  }
+}
+
+template <typename T>
+void gather_attention_impl(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& values,
+                           const torch::Tensor& index, float scale, torch::Tensor& out) {
+  const int64_t heads = queries.size(0), m = queries.size(1), dim = queries.size(2), k = index.size(1);
+  const int64_t blocks = (k + kAttendBlock - 1) / kAttendBlock;
+  auto partial = torch::empty({heads, blocks, m, dim + 2}, queries.options());  // acc | max | sum
+  const float* q = queries.data_ptr<float>();
+  const T* key_rows = keys.data_ptr<T>();
+  const T* value_rows = values.data_ptr<T>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  float* part = partial.data_ptr<float>();
+  const int64_t head_stride = keys.stride(0), row_stride = keys.stride(1);
+  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kAttendBlock * m), row(dim), block_max(m), block_sum(m);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / blocks, start = (item % blocks) * kAttendBlock;
+      float* slot = part + item * m * (dim + 2);
+      attend_block(q + h * m * dim, key_rows + h * head_stride, value_rows + h * head_stride, idx + h * k, start,
+                   std::min(k, start + kAttendBlock), m, dim, row_stride, scale, scores.data(), row.data(),
+                   block_max.data(), block_sum.data(), slot);
+      for (int64_t i = 0; i < m; ++i) {  // the block's max and sum after its m accumulators
+        slot[m * dim + i] = block_max[i];
+        slot[m * dim + m + i] = block_sum[i];
+      }
+    }
+  });
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, heads * m, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t hi = begin; hi < end; ++hi) {
+      const int64_t h = hi / m, i = hi % m;
+      const float* first = part + h * blocks * m * (dim + 2);
+      float top = -INFINITY;
+      for (int64_t b = 0; b < blocks; ++b) top = std::max(top, first[b * m * (dim + 2) + m * dim + i]);
+      float total = 0.f;
+      float* dst = o + hi * dim;
+      std::fill(dst, dst + dim, 0.f);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* slot = first + b * m * (dim + 2);
+        const float w = std::exp(slot[m * dim + i] - top);
+        total += w * slot[m * dim + m + i];
+        for (int64_t d = 0; d < dim; ++d) dst[d] += w * slot[i * dim + d];
+      }
+      for (int64_t d = 0; d < dim; ++d) dst[d] /= total;
+    }
+  });
+}
+
+}  // namespace
+
+// softmax(q . K[index]^T * scale) . V[index] per head, reading each selected row once, straight from the
+// row buffers: queries (heads, m, dim) float32 contiguous; keys and values (heads, capacity, dim) float32,
+// float16 or bfloat16 with the same strides and unit stride along a row; index (heads, k) int64 rows of
+// each head (every one visible to every query).  Returns (heads, m, dim) float32.
+torch::Tensor gather_attention(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& values,
+                               const torch::Tensor& index, double scale) {
+  TORCH_CHECK(queries.dim() == 3 && keys.dim() == 3 && values.dim() == 3 && index.dim() == 2,
+              "gather_attention: bad ranks");
+  TORCH_CHECK(queries.scalar_type() == torch::kFloat && queries.is_contiguous(), "gather_attention: queries");
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type() && keys.strides() == values.strides() &&
+              keys.sizes() == values.sizes() && keys.stride(2) == 1, "gather_attention: key and value buffers differ");
+  TORCH_CHECK(index.scalar_type() == torch::kLong && index.is_contiguous(), "gather_attention: index must be int64");
+  const int64_t heads = queries.size(0), dim = queries.size(2);
+  TORCH_CHECK(keys.size(0) == heads && index.size(0) == heads && keys.size(2) == dim && index.size(1) > 0,
+              "gather_attention: shapes do not match");
+  TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < keys.size(1)),
+              "gather_attention: an index lies outside the row buffers");
+  auto out = torch::empty({heads, queries.size(1), dim}, queries.options());
+  const float s = static_cast<float>(scale);
+  switch (keys.scalar_type()) {
+    case torch::kFloat: gather_attention_impl<float>(queries, keys, values, index, s, out); break;
+    case torch::kHalf: gather_attention_impl<at::Half>(queries, keys, values, index, s, out); break;
+    case torch::kBFloat16: gather_attention_impl<at::BFloat16>(queries, keys, values, index, s, out); break;
+    default: TORCH_CHECK(false, "gather_attention: rows must be float32, float16 or bfloat16");
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lut_scores", &lut_scores, "lookup-table scores of VQ codes");
   module.def("top_p_rows", &top_p_rows, "top-p row selection per head");
+  module.def("gather_attention", &gather_attention, "attention over selected rows of row buffers");
 }

@@ -6,6 +6,9 @@
   7.5K rows (hc-12.5's codes, 3 KV heads, 3 queries each, one thread) 2.4 ms against 1.2 ms here.
 * ``top_p_rows`` — ``selection.top_p_select``'s choice without sorting the mass: a quickselect finds each
   head's row count, a partial selection its rows.
+* ``gather_attention`` — a decode step's attention over the selected rows, straight from the host row
+  buffers: each row is gathered, converted from fp16 and weighed once, in blocks merged as in
+  flash-decoding, where the torch path gathers and converts keys and values into new tensors first.
 
 The build needs a C++ compiler and ninja, takes about a minute once, and is cached by torch (in
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).  Where it cannot build, ``module()``
@@ -41,11 +44,22 @@ def module():
                 # torch keys its cache on the source and flags only: the name keeps builds against
                 # different torch versions (another venv) apart
                 name = "hcmemory_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__)
-                _module = load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                _module = load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *_isa_flags()],
+                               extra_ldflags=["-fopenmp"])
             except Exception as error:  # no compiler, no ninja, a read-only cache: the torch path works
                 _failure = f"{type(error).__name__}: {error}".splitlines()[0]
                 log.warning("hcmemory's CPU kernels did not build (%s); using the slower torch path", _failure)
     return _module
+
+
+def _isa_flags() -> list[str]:
+    """AVX2, FMA and F16C where the processor reports all three (fp16 rows convert 8 at a time), named
+    one by one: ``-march=native`` dies with an illegal instruction on some VMs that misreport."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= flags else []
 
 
 def failure() -> str | None:
@@ -66,3 +80,11 @@ def top_p_rows(mass: torch.Tensor, top_p: float, min_rows: int = 0) -> torch.Ten
     if top_p >= 1.0 or n <= min_rows:
         return torch.arange(n).expand(heads, n)
     return module().top_p_rows(mass.float().contiguous(), float(top_p), int(min_rows))
+
+
+def gather_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """``softmax(q·K[index]ᵀ·scale)·V[index]`` per head: ``queries (heads, m, dim)``, row buffers ``keys`` and
+    ``values`` ``(heads, capacity, dim)`` (float32/16, bfloat16, same layout), ``index (heads, k)`` rows every
+    query sees -> ``(heads, m, dim)`` float32."""
+    return module().gather_attention(queries.float().contiguous(), keys, values, index.contiguous(), float(scale))

@@ -92,9 +92,33 @@ def test_auto_chooses_the_cpu_kernels_and_a_forced_kernel_that_cannot_build_rais
         choose(torch.zeros(1), "cpp")
 
 
-def test_hc_attention_is_the_same_with_either_cpu_path():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads, m, dim, capacity, k", [(3, 3, 64, 700, 150), (2, 1, 16, 50, 1), (1, 5, 24, 300, 300),
+                                                        (8, 4, 128, 2000, 333)])
+def test_gather_attention_equals_attention_over_the_gathered_rows(dtype, heads, m, dim, capacity, k):
+    torch.manual_seed(capacity + k)
+    keys, values = (torch.randn(heads, capacity, dim).to(dtype) * 3 for _ in range(2))
+    index = torch.stack([torch.randperm(capacity)[:k] for _ in range(heads)])
+    queries = torch.randn(heads, m, dim)
+    rows = [torch.stack([buffer[h, index[h]] for h in range(heads)]).double() for buffer in (keys, values)]
+    expected = torch.softmax(queries.double() @ rows[0].mT * 0.125, dim=-1) @ rows[1]
+    got = cpu_kernels.gather_attention(queries, keys, values, index, 0.125)
+    assert got.dtype == torch.float32 and got.shape == (heads, m, dim)
+    assert float((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_gather_attention_refuses_rows_outside_the_buffers():
+    keys = torch.randn(2, 10, 8)
+    with pytest.raises(RuntimeError, match="outside the row buffers"):
+        cpu_kernels.gather_attention(torch.randn(2, 1, 8), keys, keys.clone(), torch.tensor([[0, 10], [1, 2]]), 1.0)
+
+
+def test_hc_attention_is_the_same_with_either_cpu_path(monkeypatch):
     """Decoding over a compressed cache picks the same rows and gives the same logits with the C++
-    kernels as with the torch reference."""
+    kernels (the fused attention over the selected rows included) as with the torch reference."""
+    fused_steps = []
+    kernel_fn = cpu_kernels.gather_attention
+    monkeypatch.setattr(cpu_kernels, "gather_attention", lambda *args: fused_steps.append(1) or kernel_fn(*args))
     model = tiny_model("llama")
     ids = torch.randint(0, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
     outputs = []
@@ -109,4 +133,5 @@ def test_hc_attention_is_the_same_with_either_cpu_path():
                         [layer.selectable_rows for layer in cache.layers]))
     (torch_logits, torch_rows, selectable), (cpp_logits, cpp_rows, _) = outputs
     assert torch_rows == cpp_rows and all(0 < r < s for r, s in zip(cpp_rows, selectable))
+    assert len(fused_steps) == 10 * model.config.num_hidden_layers, "every decode step of the C++ path was fused"
     torch.testing.assert_close(cpp_logits, torch_logits, rtol=1e-5, atol=1e-5)
