@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="RULER-style accuracy of KV-cache methods on the same prompts (resumable)")
     e.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
     e.add_argument("--methods", nargs="+", default=list(STANDARD_METHODS),
-                   help="full, a preset, preset:field=value,..., quanto-4, kvpress:<Press>@<bytes ratio>")
+                   help="full, a preset, preset:field=value,..., quanto-4, kvpress:<Press>@<bytes ratio> (full always "
+                        "runs too, or is read from its cells: every method is scored on its answers)")
     e.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     e.add_argument("--lengths", nargs="+", type=int, default=list(STANDARD_LENGTHS))
     e.add_argument("--questions", type=int, default=5, help="at least this many questions per (task, length)")

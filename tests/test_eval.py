@@ -148,7 +148,7 @@ def test_head_to_head_pairs_ours_with_every_peer_in_accuracy_and_nll_gap():
     def cell(method, scores, forced):
         c = _cell(method, "single", 1024, 0, scores)
         for q, f in zip(c["questions"], forced):
-            q.update(forced=f, answer_ids=[1, 2])
+            q.update(forced=f, answer_ids=[1, 2], forced_ids=[1, 2])
         return c
 
     cells = [cell("full", [1, 1, 0, 1], [-1, -1, -2, -1]), cell("compact", [1, 1, 0, 1], [-1.2, -1, -2, -1]),
@@ -158,6 +158,29 @@ def test_head_to_head_pairs_ours_with_every_peer_in_accuracy_and_nll_gap():
     assert len(lines) == 1, "compact against its one peer; full and other hc presets are not peers"
     # accuracy +2 of 4; NLL gaps per token: compact (0.1, 0, 0, 0), kivi-4 (1, 1, 0, 2): mean difference -0.975
     assert lines[0].startswith("| compact | kivi-4 |") and "| 4 | +50.0 [" in lines[0] and "| -0.975 [" in lines[0]
+
+
+def test_nll_gaps_count_only_forced_scores_of_full_attentions_answer():
+    """A cell that scored its own answer (a run without full attention's answers at hand, or a cell
+    from before ``forced_ids`` was stored) has no NLL gap: its forced score is of another text."""
+    reference = _cell("full", "single", 1024, 0, [1, 1])
+    for q in reference["questions"]:
+        q.update(forced=-1.0, answer_ids=[1, 2], forced_ids=[1, 2])
+    method = _cell("kivi-4", "single", 1024, 0, [0, 0])
+    method["questions"][0].update(forced=-3.0, answer_ids=[3], forced_ids=[1, 2])
+    method["questions"][1].update(forced=-0.5, answer_ids=[3], forced_ids=[3])
+    gaps = report_module._nll_gaps([method], [reference])
+    assert list(gaps.values()) == [1.0]
+    del method["questions"][0]["forced_ids"]
+    assert report_module._nll_gaps([method], [reference]) == {}
+
+
+def test_a_method_run_alone_is_scored_on_full_attentions_answers(tmp_path):
+    run(Plan(methods=["hc-12.5"], tasks=["single"], lengths=[512], questions=1, out=tmp_path))
+    full, hc = (json.loads(p.read_text()) for p in sorted((tmp_path / "cells").rglob("*.json")))
+    assert full["method"] == "full" and hc["method"] == "hc-12.5", "full attention runs whatever the plan names"
+    for f, q in zip(full["questions"], hc["questions"]):
+        assert f["forced_ids"] == f["answer_ids"] and q["forced_ids"] == f["answer_ids"]
 
 
 def test_a_run_is_cached_per_cell_and_resumes(tmp_path, monkeypatch):
@@ -182,7 +205,7 @@ def test_a_cell_is_rerun_when_its_method_changes_definition(tmp_path, monkeypatc
 
     plan = Plan(methods=["hc-12.5"], tasks=["single"], lengths=[512], questions=1, out=tmp_path)
     run(plan)
-    (cell,) = (tmp_path / "cells").rglob("*.json")
+    cell = tmp_path / "cells" / "hc-12.5" / "single-512-0.json"
     before = json.loads(cell.read_text())["identity"]
     monkeypatch.setitem(config_module.PRESETS, "hc-12.5", {**config_module.PRESETS["hc-12.5"], "top_p": 0.8})
     run(plan)

@@ -67,9 +67,11 @@ class Answer:
     ids: list[int]
     """The generated token ids."""
     forced: float | None = None
-    """Log-probability of the reference's (full attention's) answer ids under this method — its own
-    answer when there is no reference — fed one token at a time as decoding would: how well the method
-    keeps full attention's whole answer likely."""
+    """Log-probability of ``forced_ids`` under this method, fed one token at a time as decoding would: how
+    well the method keeps full attention's whole answer likely."""
+    forced_ids: list[int] | None = None
+    """What ``forced`` scored: the reference's (full attention's) answer ids, or this method's own answer
+    when it ran without a reference (full attention itself).  Stored, so a report can tell which."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class HCMethod(Method):
             with cache.transaction(commit=False):
                 forced = _forced(model, cache, prefill(model, cache, torch.tensor([q.ids]), self.config.chunk_size),
                                  reference, None)
-            answers.append(Answer(text, _first(logits), generated, forced))
+            answers.append(Answer(text, _first(logits), generated, forced, reference))
         memory = Memory(stats.device_bytes, stats.device_bytes + stats.host_bytes, stats.full_fp16_bytes,
                         sum(fractions) / len(fractions) if fractions else None)
         return answers, memory
@@ -260,10 +262,10 @@ class RecordedMethod(Method):
             with torch.no_grad():
                 start = model(input_ids=torch.tensor([q.ids], device=device), position_ids=ask, use_cache=True,
                               logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
-            forced = _forced(model, cache, start, q.reference if q.reference is not None else generated,
-                             position + len(q.ids))
+            reference = q.reference if q.reference is not None else generated
+            forced = _forced(model, cache, start, reference, position + len(q.ids))
             cache = self._reset(model, recording, cache, kept)
-            answers.append(Answer(text, _first(logits), generated, forced))
+            answers.append(Answer(text, _first(logits), generated, forced, reference))
         return answers, memory
 
     def _reset(self, model: torch.nn.Module, recording: Recording, cache: Any, kept: list[int] | None) -> Any:

@@ -93,9 +93,12 @@ def _pairs(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict
 
 
 def _nll_gaps(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[tuple, float]:
-    """Per question: nats per token by which the method finds full attention's answer less likely."""
+    """Per question: nats per token by which the method finds full attention's answer less likely.  Only
+    questions whose forced score is of that very answer count (``forced_ids``): a method run without
+    full attention's answers at hand scored its own answer, which says nothing about the gap."""
     return {key: (r["forced"] - q["forced"]) / len(r["answer_ids"]) for key, (q, r) in _pairs(group, reference).items()
-            if q.get("forced") is not None and r.get("forced") is not None and r.get("answer_ids")}
+            if q.get("forced") is not None and r.get("forced") is not None and r.get("answer_ids")
+            and q.get("forced_ids") == r["answer_ids"]}
 
 
 def _mean_interval(values: list[float], seed: int = 0) -> tuple[float, float]:

@@ -94,7 +94,9 @@ def run(plan: Plan) -> Path:
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
     methods: list[Method] = []
-    for spec in plan.methods:
+    # full attention runs first (or is read from its cells) whatever the plan names: its answers are what
+    # every other method's forced log-probability scores, and without them a method would score its own
+    for spec in [REFERENCE, *(s for s in plan.methods if s != REFERENCE)]:
         method = parse_method(spec)
         why = available(method)
         if why:
@@ -183,7 +185,7 @@ def _write_cell(path: Path, case: Case, method: Method, answers: list[Answer], m
         "context_tokens": context_tokens, "seconds": seconds, "memory": memory,
         "questions": [{"question": q.text, "answers": list(q.answers), "depth": q.depth, "answer": a.text,
                        "score": score(a.text, q), "first": {str(k): v for k, v in a.first.items()},
-                       "answer_ids": a.ids, "forced": a.forced}
+                       "answer_ids": a.ids, "forced": a.forced, "forced_ids": a.forced_ids}
                       for q, a in zip(case.questions, answers)],
     }
     with atomic_path(path) as tmp:
