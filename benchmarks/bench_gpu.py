@@ -122,7 +122,7 @@ def kernel_rows(tokens: int, device: torch.device, heads: int = 8, q_heads: int 
     codec = VQCodec(heads, dim, subvector_dim=2, centroids=256, sharing="head", kmeans_iters=4, device=device)
     codec.fit(torch.randn(heads, 8192, dim, device=device) * KEY_SCALE)
     codes = torch.cat([codec.encode(torch.randn(heads, n, dim, device=device) * KEY_SCALE)
-                       for n in _chunks(tokens, FILL_CHUNK)], dim=1)
+                       for _, n in _spans(tokens, FILL_CHUNK)], dim=1)
     query = torch.randn(heads, q_heads // heads, dim, device=device) * 1.3
     keys = torch.randn(1, heads, tokens, dim, device=device, dtype=torch.float16) * KEY_SCALE
     values = torch.randn_like(keys)
@@ -162,10 +162,6 @@ def kernel_rows(tokens: int, device: torch.device, heads: int = 8, q_heads: int 
     return rows
 
 
-def _chunks(total: int, size: int) -> list[int]:
-    return [min(size, total - start) for start in range(0, total, size)]
-
-
 def _spans(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(size, total - start)) for start in range(0, total, size)]
 
@@ -181,7 +177,7 @@ def fill(cache: Any, model: LlamaForCausalLM, tokens: int, device: torch.device,
     mc = model.config
     dim = mc.hidden_size // mc.num_attention_heads
     g = torch.Generator(device=device).manual_seed(1)
-    for n in _chunks(tokens, chunk):
+    for _, n in _spans(tokens, chunk):
         for i in range(mc.num_hidden_layers):
             keys = torch.randn(1, mc.num_key_value_heads, n, dim, device=device, dtype=dtype, generator=g) * KEY_SCALE
             values = torch.randn(1, mc.num_key_value_heads, n, dim, device=device, dtype=dtype, generator=g)

@@ -78,8 +78,8 @@ def attend(layer: LayerView, query: torch.Tensor, scaling: float, window: int | 
         return _exact_sdpa(layer, query, scaling, window)
     # the query heads of one KV head side by side; a block stacks them as (heads, groups * rows, dim)
     grouped = query[0].view(heads, groups, chunk, dim)
-    # explicit score matrices are bounded by query blocks; the fused kernel needs none, and each block
-    # reads the rows again (across the bus, for a chunk computed next to the model)
+    # explicit score matrices are bounded by query blocks; SDPA needs none, and each block reads the
+    # rows again (across the bus, for a chunk computed next to the model)
     explicit_scores = not layer.config.rescore or layer.observes_attention
     block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer))) if explicit_scores else chunk
     outs = []

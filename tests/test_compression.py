@@ -222,3 +222,25 @@ def test_kivi_codes_shrink_the_bytes():
         prefill(model, cache, ids)
         sizes[preset] = cache.stats().device_bytes + cache.stats().host_bytes
     assert sizes["kivi-4"] < sizes["full"] / 4 and sizes["kivi-2"] < sizes["kivi-4"] * 0.7
+
+
+def test_where_a_step_attends_changes_nothing(monkeypatch):
+    """A prefill chunk attends next to the model and a decode step where the values live (the GPU path's
+    split); on a CPU both are the CPU, so the choice is forced both ways here to keep every transfer in
+    that code path running: the logits and the rows each step selects must not move."""
+    import hcmemory.attention as attention
+
+    model = tiny_model("llama")
+    ids = random_ids(300, model.config.vocab_size, seed=9)
+    config = HCConfig.preset("hc-12.5", kernel="torch", calibration="context", calibration_tokens=100,
+                             vq_centroids=16, top_p=0.5, recent_tokens=16)
+    assert attention._compute_device(HCCache(model, config).layers[0], 100).type == "cpu"
+    outputs = {}
+    for forced in ("model", "values"):
+        monkeypatch.setattr(attention, "_compute_device",
+                            lambda layer, chunk, forced=forced: layer.device if forced == "model" else layer.value_device)
+        cache = HCCache(model, config)
+        logits, tokens = run(model, cache, ids, steps=6, chunk_size=100)
+        outputs[forced] = logits, tokens, [layer.selected_rows for layer in cache.layers]
+    assert outputs["model"][1:] == outputs["values"][1:] and all(outputs["model"][2])
+    assert_close(outputs["model"][0], outputs["values"][0])

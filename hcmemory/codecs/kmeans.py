@@ -17,7 +17,10 @@ from __future__ import annotations
 import torch
 
 _CHUNK_ELEMENTS = 1 << 20
-"""Upper bound on the floats of one chunk's distance block (4 MiB in float32, cache-friendly)."""
+"""Upper bound on the floats of one chunk's distance block on a CPU (4 MiB in float32, cache-friendly)."""
+_DEVICE_CHUNK_ELEMENTS = 1 << 26
+"""The same on an accelerator (256 MiB): there each chunk costs kernel launches, and a 16K-row append
+of 8 heads x 64 sub-vectors would otherwise take 2,048 chunks of 512 points."""
 
 
 def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +35,7 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, to
     k = centroids.shape[1]
     c_aug = torch.cat([-2.0 * centroids, (centroids * centroids).sum(-1, keepdim=True)], dim=-1).transpose(1, 2)
     ones = torch.ones(b, 1, 1, device=x.device)
-    chunk = max(1, _CHUNK_ELEMENTS // (b * k))
+    chunk = max(1, (_CHUNK_ELEMENTS if x.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // (b * k))
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
     dist = torch.empty(b, n, dtype=torch.float32, device=x.device)
     for start in range(0, n, chunk):
