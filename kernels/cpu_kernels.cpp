@@ -313,7 +313,8 @@ torch::Tensor gather_attention(const torch::Tensor& queries, const torch::Tensor
   const int64_t heads = queries.size(0), dim = queries.size(2);
   TORCH_CHECK(keys.size(0) == heads && index.size(0) == heads && keys.size(2) == dim && index.size(1) > 0,
               "gather_attention: shapes do not match");
-  TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < keys.size(1)),
+  const auto [lowest, highest] = index.aminmax();  // one pass over the indices
+  TORCH_CHECK(lowest.item<int64_t>() >= 0 && highest.item<int64_t>() < keys.size(1),
               "gather_attention: an index lies outside the row buffers");
   auto out = torch::empty({heads, queries.size(1), dim}, queries.options());
   const float s = static_cast<float>(scale);
