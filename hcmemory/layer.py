@@ -39,7 +39,7 @@ from .codecs import IdentityCodec, LayerCodecs, codecs_for
 from .config import HCConfig
 from .eviction import EvictionPolicy, make_policy, rows_to_keep
 from .glue import hand_off
-from .kernels import approx_scores
+from .kernels import approx_scores, nearest_impl
 from .rows import CodedRows, RowBuffer
 
 HOST = torch.device("cpu")
@@ -80,7 +80,8 @@ class HCLayer(CacheLayerMixin):
         self._reset_stores(self._fresh_codecs())
 
     def _fresh_codecs(self) -> LayerCodecs:
-        return codecs_for(self.config, self.heads, self.dim, self.dtype, self.device, HOST)
+        nearest = nearest_impl(torch.empty(0, device=self.device), self.config.kernel)
+        return codecs_for(self.config, self.heads, self.dim, self.dtype, self.device, HOST, nearest)
 
     def _reset_stores(self, codecs: LayerCodecs) -> None:
         """Empty stores for ``codecs``; key codes start exact when the codecs still need fitting."""

@@ -3,7 +3,8 @@
 The pure-torch implementations (``codecs``' ``score``, ``selection.top_p_select``) are the reference
 and the fallback.  ``triton_kernels`` holds the GPU versions of three hot steps (lookup-table scoring
 of VQ codes, top-p row selection, dequantise-and-score of packed int rows); ``cpu_kernels`` the C++
-versions of the first two and a fused attention over selected host rows, compiled on first use.
+versions of the first two, a fused attention over selected host rows and the VQ codec's nearest-centroid
+assignment, compiled on first use.
 ``backend`` (``HCConfig.kernel``) picks: ``auto`` runs Triton on CUDA tensors (when triton is
 installed; top-p keeps torch's there, see ``top_p_impl``), the C++ kernels on CPU tensors (when they
 build) and torch elsewhere; ``torch``, ``triton`` and ``cpp`` force one (``triton`` on the CPU needs
@@ -90,6 +91,16 @@ def top_p_impl(tensor: torch.Tensor, backend: str = "auto") -> Callable[..., tor
 
         return lambda mass, top_p, hint=0, min_rows=0: cpu_kernels.top_p_rows(mass, top_p, min_rows)
     return None
+
+
+def nearest_impl(tensor: torch.Tensor, backend: str = "auto") -> Callable[..., torch.Tensor] | None:
+    """The VQ codec's nearest-centroid assignment for points like ``tensor`` (called as ``(points,
+    centroids)``): the C++ kernel on the CPU, or None for the torch reference (``codecs.kmeans.assign``)."""
+    if choose(tensor, backend) != "cpp":
+        return None
+    from . import cpu_kernels
+
+    return cpu_kernels.nearest_centroids
 
 
 def gather_attention_impl(tensor: torch.Tensor, backend: str = "auto") -> Callable[..., torch.Tensor] | None:

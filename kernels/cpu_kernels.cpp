@@ -6,7 +6,8 @@
 // row's score is read straight from its codes.  Top-p selection finds each head's row count by
 // a quickselect on the mass and its rows by a partial selection, where torch sorts or runs topk.
 // Attention over a decode step's selected rows gathers, converts and weighs each row in one pass
-// (torch gathers the keys, converts them, gathers the values, converts them, then runs SDPA).
+// (torch gathers the keys, converts them, gathers the values, converts them, then runs SDPA).  New keys
+// find their nearest VQ centroid eight centroids at a time, where torch builds the distance matrix.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <type_traits>
@@ -27,25 +29,57 @@ namespace {
 constexpr int64_t kRowBlock = 256;  // rows per parallel work item
 constexpr int64_t kMaxQueries = 64;  // queries per head one lookup-table call scores
 
-// table[h, j, k, q] = queries[h, q, j*s : (j+1)*s] . book[h, j, k, :]
-void build_table(const torch::Tensor& queries, const torch::Tensor& book, float* table) {
+typedef float Float4 __attribute__((vector_size(16)));
+
+// One (head, group) slice of the table: out[k, r] = q_r . centroid_k for the c centroids of s dims.  The
+// sub-vector length is a template argument (S > 0) for the common 1, 2 and 4 so the per-centroid work
+// unrolls, and entries padded to 4 floats are written as one vector: with runtime-sized inner loops the
+// build took 0.13 ms of a 0.56 ms call at 7.5K rows (3 heads, 3 queries, 32 x 256 entries), 0.02 ms now.
+template <int S>
+void table_slice(const float* q, int64_t q_stride, const float* centroid, int64_t b2, int64_t b3, int64_t c,
+                 int64_t m, int64_t s_runtime, int64_t width, float* out) {
+  const int64_t s = S > 0 ? S : s_runtime;
+  if (width == 4) {  // ≤ 4 queries: lane r of column e holds q_r[e]
+    Float4 column[S > 0 ? S : 8] = {};
+    for (int64_t e = 0; e < s; ++e)
+      for (int64_t r = 0; r < m; ++r) column[e][r] = q[r * q_stride + e];
+    for (int64_t k = 0; k < c; ++k, centroid += b2, out += 4) {
+      Float4 entry = {};
+      for (int64_t e = 0; e < s; ++e) entry += centroid[e * b3] * column[e];
+      std::memcpy(out, &entry, sizeof entry);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < c; ++k, centroid += b2, out += width) {
+    for (int64_t r = 0; r < m; ++r) {
+      const float* sub = q + r * q_stride;
+      float acc = 0.f;
+      for (int64_t e = 0; e < s; ++e) acc += sub[e] * centroid[e * b3];
+      out[r] = acc;
+    }
+  }
+}
+
+// table[h, j, k, q] = queries[h, q, j*s : (j+1)*s] . book[h, j, k, :], each entry `width` floats apart:
+// m, or 4 for 3 queries (the padding lane is zero)
+void build_table(const torch::Tensor& queries, const torch::Tensor& book, float* table, int64_t width) {
   const int64_t heads = queries.size(0), m = queries.size(1), dim = queries.size(2);
   const int64_t g = book.size(1), c = book.size(2), s = book.size(3);
+  TORCH_CHECK(s <= 8, "lut_scores: sub-vectors of at most 8 dims");
   const float* q = queries.data_ptr<float>();
   const float* b = book.data_ptr<float>();
   const int64_t b0 = book.stride(0), b1 = book.stride(1), b2 = book.stride(2), b3 = book.stride(3);
   at::parallel_for(0, heads * g, 1, [&](int64_t begin, int64_t end) {
     for (int64_t hj = begin; hj < end; ++hj) {
       const int64_t h = hj / g, j = hj % g;
+      const float* sub = q + h * m * dim + j * s;
       const float* centroid = b + h * b0 + j * b1;
-      float* out = table + hj * c * m;
-      for (int64_t k = 0; k < c; ++k, centroid += b2, out += m) {
-        for (int64_t r = 0; r < m; ++r) {
-          const float* sub = q + (h * m + r) * dim + j * s;
-          float acc = 0.f;
-          for (int64_t e = 0; e < s; ++e) acc += sub[e] * centroid[e * b3];
-          out[r] = acc;
-        }
+      float* out = table + hj * c * width;
+      switch (s) {
+        case 1: table_slice<1>(sub, dim, centroid, b2, b3, c, m, s, width, out); break;
+        case 2: table_slice<2>(sub, dim, centroid, b2, b3, c, m, s, width, out); break;
+        case 4: table_slice<4>(sub, dim, centroid, b2, b3, c, m, s, width, out); break;
+        default: table_slice<0>(sub, dim, centroid, b2, b3, c, m, s, width, out);
       }
     }
   });
@@ -79,6 +113,46 @@ void gather_scores(const float* table, const Code* codes, int64_t code_h, int64_
   });
 }
 
+// The same for 3 or 4 queries, with every entry padded to 4 floats: one 16-byte load and one vector add
+// per code instead of m scalar ones (0.61 -> 0.52 ms at 7.5K rows, 3 heads, 3 queries, one thread), and
+// kInterleave rows' sums side by side (independent chains; 2, 4 and 8 rows measured alike).
+constexpr int64_t kInterleave = 4;
+
+template <typename Code>
+void gather_scores_x4(const float* table, const Code* codes, int64_t code_h, int64_t code_r, float* out,
+                      int64_t heads, int64_t n, int64_t g, int64_t c, int64_t m) {
+  using Index = std::make_unsigned_t<Code>;
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  auto entry = [](const float* tj, Code code) {
+    Float4 e;
+    std::memcpy(&e, tj + 4 * static_cast<int64_t>(static_cast<Index>(code)), sizeof e);
+    return e;
+  };
+  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / blocks, start = (item % blocks) * kRowBlock;
+      const int64_t stop = std::min(n, start + kRowBlock);
+      const float* t = table + h * g * c * 4;
+      float* o = out + h * m * n;
+      for (int64_t r = start; r < stop; r += kInterleave) {
+        const int64_t rows = std::min(kInterleave, stop - r);
+        const Code* row = codes + h * code_h + r * code_r;
+        Float4 acc[kInterleave] = {};
+        const float* tj = t;
+        if (rows == kInterleave) {
+          for (int64_t j = 0; j < g; ++j, tj += c * 4)
+            for (int64_t i = 0; i < kInterleave; ++i) acc[i] += entry(tj, row[i * code_r + j]);
+        } else {
+          for (int64_t j = 0; j < g; ++j, tj += c * 4)
+            for (int64_t i = 0; i < rows; ++i) acc[i] += entry(tj, row[i * code_r + j]);
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t q = 0; q < m; ++q) o[q * n + r + i] = acc[i][q];
+      }
+    }
+  });
+}
+
 template <typename Code>
 void gather_dispatch(const float* table, const torch::Tensor& codes, float* out, int64_t heads, int64_t n,
                      int64_t g, int64_t c, int64_t m) {
@@ -87,8 +161,8 @@ void gather_dispatch(const float* table, const torch::Tensor& codes, float* out,
   switch (m) {  // the common query-group sizes (GQA) get unrolled inner loops
     case 1: return gather_scores<Code, 1>(table, p, sh, sr, out, heads, n, g, c, m);
     case 2: return gather_scores<Code, 2>(table, p, sh, sr, out, heads, n, g, c, m);
-    case 3: return gather_scores<Code, 3>(table, p, sh, sr, out, heads, n, g, c, m);
-    case 4: return gather_scores<Code, 4>(table, p, sh, sr, out, heads, n, g, c, m);
+    case 3:
+    case 4: return gather_scores_x4<Code>(table, p, sh, sr, out, heads, n, g, c, m);
     case 8: return gather_scores<Code, 8>(table, p, sh, sr, out, heads, n, g, c, m);
     default: return gather_scores<Code, 0>(table, p, sh, sr, out, heads, n, g, c, m);
   }
@@ -110,8 +184,9 @@ torch::Tensor lut_scores(const torch::Tensor& queries, const torch::Tensor& book
   TORCH_CHECK(m <= kMaxQueries, "lut_scores: at most ", kMaxQueries, " queries per head");
   auto out = torch::empty({heads, m, n}, queries.options());
   if (n == 0) return out;
-  std::vector<float> table(heads * g * c * m);
-  build_table(queries, book, table.data());
+  const int64_t width = m == 3 || m == 4 ? 4 : m;  // gather_dispatch's layout
+  std::vector<float> table(heads * g * c * width);
+  build_table(queries, book, table.data(), width);
   if (codes.scalar_type() == torch::kByte) {
     gather_dispatch<uint8_t>(table.data(), codes, out.data_ptr<float>(), heads, n, g, c, m);
   } else {
@@ -327,8 +402,91 @@ torch::Tensor gather_attention(const torch::Tensor& queries, const torch::Tensor
   return out;
 }
 
+namespace {
+
+constexpr int64_t kPointBlock = 512;  // points per parallel work item of nearest_centroids
+
+typedef float Float8 __attribute__((vector_size(32)));
+typedef int32_t Int8 __attribute__((vector_size(32)));
+
+inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Nearest centroid of points [start, stop) of one problem, eight centroids per vector step: the
+// distance up to the point's own |x|^2 is |c|^2 - 2 x.c, from centroid columns laid out (s + 1, c8).
+// Each lane keeps its best distance and centroid; the lanes are compared once at the end (ties go to
+// the lower index).
+void nearest_block(const float* points, int64_t s, const float* columns, int64_t c8, int64_t start, int64_t stop,
+                   int64_t* labels) {
+  const Int8 step = {8, 8, 8, 8, 8, 8, 8, 8};
+  for (int64_t i = start; i < stop; ++i) {
+    const float* x = points + i * s;
+    Float8 best = load8(columns + s * c8);
+    for (int64_t e = 0; e < s; ++e) best += x[e] * load8(columns + e * c8);
+    Int8 label = {0, 1, 2, 3, 4, 5, 6, 7}, lane = label;
+    for (int64_t k = 8; k < c8; k += 8) {
+      lane += step;
+      Float8 d = load8(columns + s * c8 + k);  // |c|^2, +inf in the padding lanes
+      for (int64_t e = 0; e < s; ++e) d += x[e] * load8(columns + e * c8 + k);
+      const Int8 closer = d < best;
+      best = closer ? d : best;
+      label = closer ? lane : label;
+    }
+    int winner = 0;
+    for (int l = 1; l < 8; ++l) {
+      if (best[l] < best[winner] || (best[l] == best[winner] && label[l] < label[winner])) winner = l;
+    }
+    labels[i] = label[winner];
+  }
+}
+
+}  // namespace
+
+// Index of the nearest centroid of every point: points (b, n, s) and centroids (b, c, s), float32
+// contiguous -> (b, n) int64.  The VQ codec's assignment without torch's (b, n, c) distance matrix and
+// its min-with-index over the last dimension (8 s of a 47 s prefill of 7.5K tokens, hc-12.5, two threads).
+torch::Tensor nearest_centroids(const torch::Tensor& points, const torch::Tensor& centroids) {
+  TORCH_CHECK(points.dim() == 3 && centroids.dim() == 3 && points.size(0) == centroids.size(0) &&
+              points.size(2) == centroids.size(2) && centroids.size(1) > 0, "nearest_centroids: shapes do not match");
+  TORCH_CHECK(points.scalar_type() == torch::kFloat && centroids.scalar_type() == torch::kFloat &&
+              points.is_contiguous() && centroids.is_contiguous(), "nearest_centroids: contiguous float32 only");
+  TORCH_CHECK(points.device().is_cpu() && centroids.device().is_cpu(), "nearest_centroids: CPU tensors only");
+  const int64_t b = points.size(0), n = points.size(1), s = points.size(2), c = centroids.size(1);
+  const int64_t c8 = (c + 7) / 8 * 8;
+  std::vector<float> columns(b * (s + 1) * c8, 0.f);  // per problem: -2 c[:, e] for each e, then |c|^2
+  const float* cent = centroids.data_ptr<float>();
+  for (int64_t p = 0; p < b; ++p) {
+    float* col = columns.data() + p * (s + 1) * c8;
+    for (int64_t k = 0; k < c8; ++k) {
+      float norm = 0.f;
+      for (int64_t e = 0; e < s; ++e) {
+        const float v = k < c ? cent[(p * c + k) * s + e] : 0.f;
+        col[e * c8 + k] = -2.f * v;
+        norm += v * v;
+      }
+      col[s * c8 + k] = k < c ? norm : INFINITY;
+    }
+  }
+  auto labels = torch::empty({b, n}, points.options().dtype(torch::kLong));
+  const float* x = points.data_ptr<float>();
+  int64_t* out = labels.data_ptr<int64_t>();
+  const int64_t blocks = (n + kPointBlock - 1) / kPointBlock;
+  at::parallel_for(0, b * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / blocks, start = (item % blocks) * kPointBlock;
+      nearest_block(x + p * n * s, s, columns.data() + p * (s + 1) * c8, c8, start, std::min(n, start + kPointBlock),
+                    out + p * n);
+    }
+  });
+  return labels;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lut_scores", &lut_scores, "lookup-table scores of VQ codes");
   module.def("top_p_rows", &top_p_rows, "top-p row selection per head");
   module.def("gather_attention", &gather_attention, "attention over selected rows of row buffers");
+  module.def("nearest_centroids", &nearest_centroids, "nearest centroid of every point");
 }

@@ -24,7 +24,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("subvector, centroids, sharing", [(1, 16, "head"), (2, 256, "layer"), (4, 300, "group"),
                                                            (2, 40000, "head")])
-@pytest.mark.parametrize("n, queries", [(1, 1), (37, 3), (259, 4), (300, 5), (70, 16)])
+@pytest.mark.parametrize("n, queries", [(1, 1), (9, 2), (37, 3), (259, 4), (300, 5), (301, 8), (70, 16)])
 def test_lut_scores_equal_the_reference(subvector, centroids, sharing, n, queries):
     torch.manual_seed(n + queries)
     heads, dim = 3, 16
@@ -90,6 +90,30 @@ def test_auto_chooses_the_cpu_kernels_and_a_forced_kernel_that_cannot_build_rais
     assert choose(torch.zeros(1), "auto") == "torch"
     with pytest.raises(RuntimeError, match="CPU kernels did not build.*no compiler"):
         choose(torch.zeros(1), "cpp")
+
+
+@pytest.mark.parametrize("b, n, s, c", [(3, 1, 2, 256), (2, 1000, 1, 13), (1, 513, 4, 4096), (3, 77, 8, 300),
+                                        (2, 5, 2, 1)])
+def test_nearest_centroids_equal_the_reference(b, n, s, c):
+    torch.manual_seed(n + c)
+    points, centroids = torch.randn(b, n, s), torch.randn(b, c, s)
+    centroids[:, -1] = centroids[:, 0]  # a duplicated centroid: the lower index wins
+    got = cpu_kernels.nearest_centroids(points, centroids)
+    assert got.dtype == torch.int64 and got.shape == (b, n)
+    assert c == 1 or not (got == c - 1).any()
+    distance = torch.cdist(points.double(), centroids.double())
+    best = distance.gather(-1, got[..., None])[..., 0]
+    assert torch.allclose(best, distance.amin(-1), rtol=0, atol=1e-5)
+
+
+def test_vq_encode_is_the_same_with_the_assignment_kernel():
+    codec, reference = (VQCodec(3, 64, subvector_dim=2, centroids=256, sharing="head", nearest=nearest)
+                        for nearest in (cpu_kernels.nearest_centroids, None))
+    state = {"codebook": torch.randn(3, 256, 2)}
+    codec.load_state_dict(state), reference.load_state_dict(state)
+    for n in (1, 1000):  # a decode step, a prefill chunk; the two may part only on float near-ties
+        keys = torch.randn(3, n, 64)
+        assert (codec.encode(keys) == reference.encode(keys)).float().mean() > 0.999
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +23,16 @@ __all__ = ["CODEC_KINDS", "Codec", "IdentityCodec", "LayerCodecs", "UniformCodec
 
 def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = None, subvector_dim: int = 4,
                centroids: int = 4096, sharing: str = "layer", kmeans_iters: int = 12, axis: str = "token",
-               device: torch.device | str | None = None) -> Codec:
+               device: torch.device | str | None = None,
+               nearest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Codec:
     """Build the codec a config names.
 
     ``none`` keeps rows in ``dtype`` (None: as given); ``fp16``/``bf16`` force that float type and
     ignore ``dtype``; ``vq`` uses the ``subvector_dim``/``centroids``/``sharing``/``kmeans_iters``
     knobs; ``int8/4/2`` quantize along ``axis`` (``token`` for values, ``channel`` for keys).
     Arguments a kind does not use are ignored, so callers can pass one set of knobs for every kind.
-    ``device`` is where the codec keeps its own tensors (codebooks, channel statistics).
+    ``device`` is where the codec keeps its own tensors (codebooks, channel statistics); ``nearest`` is
+    the VQ codec's assignment kernel (None: the torch reference).
     """
     if kind == "none":
         return IdentityCodec(heads, dim, dtype=dtype, device=device)
@@ -39,7 +42,7 @@ def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = N
         return IdentityCodec(heads, dim, dtype=torch.bfloat16, device=device)
     if kind == "vq":
         return VQCodec(heads, dim, subvector_dim=subvector_dim, centroids=centroids, sharing=sharing,
-                       kmeans_iters=kmeans_iters, device=device)
+                       kmeans_iters=kmeans_iters, device=device, nearest=nearest)
     if kind in ("int8", "int4", "int2"):
         return UniformCodec(heads, dim, bits=int(kind[3:]), axis=axis, device=device)
     raise ValueError(f"make_codec: kind={kind!r} is not valid; allowed values: {', '.join(map(repr, CODEC_KINDS))}")
@@ -70,11 +73,13 @@ class LayerCodecs:
 
 
 def codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype, model_device: torch.device,
-               host: torch.device) -> LayerCodecs:
-    """The codecs a layer of ``config`` uses, each created where its rows will live."""
+               host: torch.device, nearest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+               ) -> LayerCodecs:
+    """The codecs a layer of ``config`` uses, each created where its rows will live; ``nearest`` as in
+    ``make_codec``."""
     keys = make_codec(config.key_codec, heads, dim, dtype=dtype, subvector_dim=config.vq_subvector_dim,
                       centroids=config.vq_centroids, sharing=config.vq_codebook, kmeans_iters=config.kmeans_iters,
-                      axis="channel", device=model_device)
+                      axis="channel", device=model_device, nearest=nearest)
     exact = (make_codec(config.rescore_keys, heads, dim, dtype=dtype, axis="channel", device=host)
              if config.compressed_keys and config.rescore else None)
     values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token",

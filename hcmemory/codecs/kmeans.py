@@ -23,33 +23,49 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 26
 of 8 heads x 64 sub-vectors would otherwise take 2,048 chunks of 512 points."""
 
 
-def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centroid, for every point, chunked over points.
+def augment(centroids: torch.Tensor) -> torch.Tensor:
+    """``(b, k, d)`` → ``(b, d + 1, k)``: the −2-scaled centroids over their ``|c|²``, the right operand of
+    ``_nearest``'s matmul (a codec that assigns often keeps it rather than rebuild it per call)."""
+    return torch.cat([-2.0 * centroids, (centroids * centroids).sum(-1, keepdim=True)], dim=-1).transpose(1, 2)
 
-    Uses ``|x|² − 2 x·c + |c|²``: with a constant 1 appended to every point and ``|c|²`` appended
-    to every (−2-scaled) centroid, one batched matmul yields ``|c|² − 2 x·c`` for a whole chunk and
-    one ``min`` finds the winner; the per-point ``|x|²`` does not change the argmin and is added
-    only to the returned distance.
+
+def _nearest(x: torch.Tensor, c_aug: torch.Tensor, with_dist: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Index of (and, ``with_dist``, squared distance to) the nearest centroid of every point, chunked
+    over points; ``c_aug`` is ``augment(centroids)``.
+
+    Uses ``|x|² − 2 x·c + |c|²``: with a constant 1 appended to every point, one batched matmul with
+    ``c_aug`` yields ``|c|² − 2 x·c`` for a whole chunk and one ``min`` finds the winner; the per-point
+    ``|x|²`` does not change the argmin and is added only to the returned distance.
     """
     b, n, _ = x.shape
-    k = centroids.shape[1]
-    c_aug = torch.cat([-2.0 * centroids, (centroids * centroids).sum(-1, keepdim=True)], dim=-1).transpose(1, 2)
+    k = c_aug.shape[2]
     ones = torch.ones(b, 1, 1, device=x.device)
     chunk = max(1, (_CHUNK_ELEMENTS if x.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // (b * k))
+    if n <= chunk:  # a decode step's few rows: no output buffers, no loop
+        best, labels = torch.bmm(torch.cat([x, ones.expand(-1, n, -1)], dim=-1), c_aug).min(dim=-1)
+        return labels, (best + (x * x).sum(-1)).clamp_(min=0.0) if with_dist else None
     labels = torch.empty(b, n, dtype=torch.long, device=x.device)
-    dist = torch.empty(b, n, dtype=torch.float32, device=x.device)
+    dist = torch.empty(b, n, dtype=torch.float32, device=x.device) if with_dist else None
     for start in range(0, n, chunk):
         part = x[:, start:start + chunk]
         part_aug = torch.cat([part, ones.expand(-1, part.shape[1], -1)], dim=-1)
         best, idx = torch.bmm(part_aug, c_aug).min(dim=-1)
         labels[:, start:start + chunk] = idx
-        dist[:, start:start + chunk] = (best + (part * part).sum(-1)).clamp_(min=0.0)
+        if dist is not None:
+            dist[:, start:start + chunk] = (best + (part * part).sum(-1)).clamp_(min=0.0)
     return labels, dist
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid of every point: ``x (b, n, d)``, ``centroids (b, k, d)`` → ``LongTensor (b, n)``."""
-    return _nearest(x.float(), centroids.float())[0]
+def assign(x: torch.Tensor, centroids: torch.Tensor | None = None, *, augmented: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Nearest centroid of every point: ``x (b, n, d)``, ``centroids (b, k, d)`` (or their ``augment``)
+    → ``LongTensor (b, n)``."""
+    if augmented is None:
+        if centroids is None:
+            raise ValueError("assign: pass centroids or augmented")
+        augmented = augment(centroids.float())
+    return _nearest(x.float(), augmented, with_dist=False)[0]
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
@@ -83,7 +99,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, seed: int = 0) -> torch.Tensor:
     offsets = (torch.arange(b, device=x.device) * k).unsqueeze(1)  # flat cluster id = problem * k + label
     flat_x = x.reshape(b * n, -1)
     for _ in range(iters):
-        labels, dist = _nearest(x, centroids)
+        labels, dist = _nearest(x, augment(centroids))
         flat = (labels + offsets).reshape(-1)
         sums = torch.zeros(b * k, x.shape[2], device=x.device).index_add_(0, flat, flat_x)
         counts = torch.bincount(flat, minlength=b * k).view(b, k, 1)

@@ -15,12 +15,14 @@ casts them to float32 first, which costs ``c·s`` elements per codebook per call
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ..config import CHOICES
 from .base import Codec
-from .kmeans import assign, kmeans
+from .kmeans import assign, augment, kmeans
 
 SHARING = CHOICES["vq_codebook"]
 
@@ -42,7 +44,8 @@ class VQCodec(Codec):
     exact = False
 
     def __init__(self, heads: int, dim: int, subvector_dim: int = 4, centroids: int = 4096,
-                 sharing: str = "layer", kmeans_iters: int = 12, device: torch.device | str | None = None) -> None:
+                 sharing: str = "layer", kmeans_iters: int = 12, device: torch.device | str | None = None,
+                 nearest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(heads, dim, device)
         if not isinstance(subvector_dim, int) or subvector_dim < 1 or dim % subvector_dim:
             raise ValueError(f"VQCodec: subvector_dim={subvector_dim!r} must be a positive int dividing dim={dim}")
@@ -59,11 +62,15 @@ class VQCodec(Codec):
         self.centroids = centroids
         self.sharing = sharing
         self.kmeans_iters = kmeans_iters
+        self.nearest = nearest
+        """Assigns new keys' sub-vectors to centroids, as ``(points, centroids) -> labels``: a kernel
+        (``hcmemory.kernels.nearest_impl``), or None for the torch reference ``kmeans.assign``."""
         self.code_dtype = torch.uint8 if centroids <= 256 else torch.int16
         # Codebooks along the (head, group) axes: (1, 1) for layer, (heads, 1) for head, (heads, g) for group.
         self._books_shape = (heads if sharing != "layer" else 1, self.groups if sharing == "group" else 1)
         self._codebook: torch.Tensor | None = None  # (books, c, s) float16
         self._book32: torch.Tensor | None = None
+        self._augmented: tuple[torch.Tensor, torch.Tensor] | None = None  # (book32, augment(book32))
 
     @property
     def needs_fit(self) -> bool:
@@ -110,7 +117,13 @@ class VQCodec(Codec):
         self._check_rows(rows)
         book = self._book()
         heads, n, _ = rows.shape
-        labels = assign(self._problems(rows), book)
+        points = self._problems(rows)
+        if self.nearest is not None:
+            labels = self.nearest(points, book)
+        else:
+            if self._augmented is None or self._augmented[0] is not book:  # a decode step encodes one row
+                self._augmented = (book, augment(book))
+            labels = assign(points, augmented=self._augmented[1])
         labels = labels.view(heads, self.groups, n).transpose(1, 2)
         if self.code_dtype == torch.int16:
             labels = torch.where(labels >= 32768, labels - 65536, labels)
