@@ -474,7 +474,9 @@ torch::Tensor nearest_centroids(const torch::Tensor& points, const torch::Tensor
   const float* x = points.data_ptr<float>();
   int64_t* out = labels.data_ptr<int64_t>();
   const int64_t blocks = (n + kPointBlock - 1) / kPointBlock;
-  at::parallel_for(0, b * blocks, 1, [&](int64_t begin, int64_t end) {
+  // a decode step's row runs on the calling thread (0.007 ms against 0.011 ms woken onto two, 3 x 256 x 2)
+  const int64_t grain = n < kPointBlock ? b : 1;
+  at::parallel_for(0, b * blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / blocks, start = (item % blocks) * kPointBlock;
       nearest_block(x + p * n * s, s, columns.data() + p * (s + 1) * c8, c8, start, std::min(n, start + kPointBlock),
