@@ -110,7 +110,8 @@ def test_vq_encode_is_the_same_with_the_assignment_kernel():
     codec, reference = (VQCodec(3, 64, subvector_dim=2, centroids=256, sharing="head", nearest=nearest)
                         for nearest in (cpu_kernels.nearest_centroids, None))
     state = {"codebook": torch.randn(3, 256, 2)}
-    codec.load_state_dict(state), reference.load_state_dict(state)
+    codec.load_state_dict(state)
+    reference.load_state_dict(state)
     for n in (1, 1000):  # a decode step, a prefill chunk; the two may part only on float near-ties
         keys = torch.randn(3, n, 64)
         assert (codec.encode(keys) == reference.encode(keys)).float().mean() > 0.999

@@ -38,23 +38,16 @@ def _nearest(x: torch.Tensor, c_aug: torch.Tensor, with_dist: bool = True
     ``c_aug`` yields ``|c|² − 2 x·c`` for a whole chunk and one ``min`` finds the winner; the per-point
     ``|x|²`` does not change the argmin and is added only to the returned distance.
     """
-    b, n, _ = x.shape
-    k = c_aug.shape[2]
+    b = x.shape[0]
     ones = torch.ones(b, 1, 1, device=x.device)
-    chunk = max(1, (_CHUNK_ELEMENTS if x.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // (b * k))
-    if n <= chunk:  # a decode step's few rows: no output buffers, no loop
-        best, labels = torch.bmm(torch.cat([x, ones.expand(-1, n, -1)], dim=-1), c_aug).min(dim=-1)
-        return labels, (best + (x * x).sum(-1)).clamp_(min=0.0) if with_dist else None
-    labels = torch.empty(b, n, dtype=torch.long, device=x.device)
-    dist = torch.empty(b, n, dtype=torch.float32, device=x.device) if with_dist else None
-    for start in range(0, n, chunk):
-        part = x[:, start:start + chunk]
-        part_aug = torch.cat([part, ones.expand(-1, part.shape[1], -1)], dim=-1)
-        best, idx = torch.bmm(part_aug, c_aug).min(dim=-1)
-        labels[:, start:start + chunk] = idx
-        if dist is not None:
-            dist[:, start:start + chunk] = (best + (part * part).sum(-1)).clamp_(min=0.0)
-    return labels, dist
+    chunk = max(1, (_CHUNK_ELEMENTS if x.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // (b * c_aug.shape[2]))
+    labels, dists = [], []
+    for part in x.split(chunk, dim=1):
+        best, idx = torch.bmm(torch.cat([part, ones.expand(-1, part.shape[1], -1)], dim=-1), c_aug).min(dim=-1)
+        labels.append(idx)
+        if with_dist:
+            dists.append((best + (part * part).sum(-1)).clamp_(min=0.0))
+    return torch.cat(labels, dim=1), torch.cat(dists, dim=1) if with_dist else None
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor | None = None, *, augmented: torch.Tensor | None = None
