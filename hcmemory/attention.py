@@ -160,14 +160,15 @@ def _causal_bias(chunk: int, n: int, device: torch.device, dtype: torch.dtype, f
     of a chunk whose keys end the ``n`` rows, after ``selected`` rows every query sees.
 
     Additive, and built once per chunk for every layer: SDPA converts a boolean mask to this form on
-    each call, which cost about a tenth of a 7.5K-token prefill.  Shared between calls, so read-only.
+    each call, which cost about a tenth of a 7.5K-token prefill.  Shared between calls, so read-only,
+    and never an inference tensor (autograd, should a later call run with it, refuses to save those).
     """
     rows = chunk if rows is None else rows
-    query_pos = (n - chunk) + first + torch.arange(rows, device=device)
-    hidden = torch.arange(n, device=device)[None, :] > query_pos[:, None]
-    bias = torch.zeros(rows, selected + n, device=device, dtype=dtype)
-    bias[:, selected:].masked_fill_(hidden, float("-inf"))
-    return bias
+    with torch.inference_mode(False):
+        query_pos = (n - chunk) + first + torch.arange(rows, device=device)
+        hidden = torch.arange(n, device=device)[None, :] > query_pos[:, None]
+        bias = torch.zeros(rows, selected + n, device=device, dtype=dtype)
+        return bias.masked_fill_(torch.cat([hidden.new_zeros(rows, selected), hidden], dim=1), float("-inf"))
 
 
 def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chunk: int, scaling: float,

@@ -22,7 +22,7 @@ CHOICES: dict[str, tuple] = {
     "rescore_keys": ("fp16", "int8", "int4", "int2", "none"),
     "value_codec": ("none", "fp16", "bf16", "int8", "int4", "int2"),
     "value_placement": ("host", "device"),
-    "eviction": ("none", "hc", "h2o", "streaming", "window"),
+    "eviction": ("none", "hc", "mean", "h2o", "streaming", "window"),
     "selection_aggregate": ("mean", "max", "union"),
     "selection_scores": ("codes", "exact"),
     "kernel": ("auto", "torch", "triton", "cpp"),
@@ -160,7 +160,7 @@ class HCConfig:
         if (self.eviction == "none") != (budget is None):
             raise ValueError(
                 f"HCConfig.budget={budget!r} with eviction={self.eviction!r}: a budget needs an eviction policy "
-                "('hc', 'h2o', 'streaming', 'window') and a policy needs a budget; set both or neither"
+                f"({', '.join(map(repr, CHOICES['eviction'][1:]))}) and a policy needs a budget; set both or neither"
             )
 
     # ------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the paper's budgets: values on host, keys as VQ codes next to the model
     "hc-25": {**_HC, "vq_subvector_dim": 1},
     "hc-12.5": {**_HC, "vq_subvector_dim": 2},
-    "hc-12.5-bounded": {**_HC, "vq_subvector_dim": 2, "eviction": "hc", "budget": 4096},
+    "hc-12.5-bounded": {**_HC, "vq_subvector_dim": 2, "eviction": "mean", "budget": 4096},
     # everything kept at 38 % of an fp16 cache in total: 4-dim sub-vector codes next to the model
     # (6.5 %), int4 channel-normalised residuals of the keys (what the codes miss) for re-scoring and
     # int4 per-token values on the host.

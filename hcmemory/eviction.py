@@ -38,7 +38,8 @@ class HCPolicy(EvictionPolicy):
 
     Each step (a decode token or a whole prefill chunk) adds its *mean* per-query mass, so a
     1024-token chunk does not outweigh the decode steps that follow it; the layer score is the
-    maximum over heads, mirroring the paper's "k = max over heads" selection.
+    maximum over heads, mirroring the paper's "k = max over heads" selection.  Cumulative, so it
+    favours old rows; ``mean`` (below) corrects that and is what ``hc-12.5-bounded`` uses.
     """
 
     name = "hc"
@@ -49,6 +50,26 @@ class HCPolicy(EvictionPolicy):
 
     def score(self, mass: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return mass.amax(dim=0)
+
+
+class MeanPolicy(EvictionPolicy):
+    """Mean attention a row received per query that could see it, layer-wise (max over heads).
+
+    A cumulative score (``hc``, ``h2o``) grows with a row's age: a row read by every chunk since the
+    document's start outscores one that only the last chunk saw, so once a long document passes the
+    budget, what survives is its beginning, needles later in it go first.  Dividing by the number of
+    queries since the row arrived (every one saw it: rows only ever leave, never hide) compares rows
+    of every age on one scale.  kvpress's ObservedAttention normalises H2O the same way.  Measured on
+    ``hcmemory eval``'s 7.5K multikey and qa haystacks with a 4,096-row budget, full attention
+    answering 4 of 11: ``hc`` kept 1 of those answers, this score 3.
+    """
+
+    name = "mean"
+    uses_attention = True
+
+    def score(self, mass: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        queries_since = (positions[-1] - positions + 1).clamp(min=1).to(mass)
+        return (mass / queries_since).amax(dim=0)
 
 
 class H2OPolicy(EvictionPolicy):
@@ -77,7 +98,9 @@ class WindowPolicy(StreamingPolicy):
     keeps_sinks = False
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (HCPolicy, H2OPolicy, StreamingPolicy, WindowPolicy)}
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    p.name: p for p in (HCPolicy, MeanPolicy, H2OPolicy, StreamingPolicy, WindowPolicy)
+}
 
 
 def make_policy(name: str) -> EvictionPolicy | None:

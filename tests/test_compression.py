@@ -149,7 +149,7 @@ def test_exact_prefill_equals_full_attention_and_selection_starts_with_the_quest
     assert (logits[None] - expected).abs().max() > 1e-3, "selecting during prefill reads fewer rows"
 
 
-@pytest.mark.parametrize("policy", ["hc", "h2o", "streaming", "window"])
+@pytest.mark.parametrize("policy", ["hc", "mean", "h2o", "streaming", "window"])
 def test_eviction_bounds_rows_and_keeps_sinks_and_recent(policy):
     model = tiny_model("llama")
     config = HCConfig(eviction=policy, budget=120, sink_tokens=4, recent_tokens=32, chunk_size=64)
@@ -187,6 +187,21 @@ def test_h2o_keeps_the_rows_that_received_attention():
     layer.after_attention(None)
     kept = set(layer.positions.view()[0].tolist())
     assert set(range(10, 40)) <= kept
+
+
+@pytest.mark.parametrize("policy, survivors", [("h2o", range(10, 40)), ("hc", range(10, 40)), ("mean", range(60, 90))])
+def test_mean_policy_compares_rows_of_every_age(policy, survivors):
+    """Older rows received more attention in total but less per query that saw them: cumulative
+    scores keep them, the mean score keeps the younger rows that were attended more."""
+    layer = HCLayer(HCConfig(eviction=policy, budget=40, sink_tokens=2, recent_tokens=8), 2, 8,
+                    torch.device("cpu"), torch.float32)
+    layer.update(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8))  # positions 0..99
+    mass = torch.zeros(2, 100)
+    mass[:, 10:40] = 20.0  # seen by 90..61 queries: at most 0.33 per query
+    mass[:, 60:90] = 15.0  # seen by 40..11 queries: at least 0.375 per query
+    layer.observe(mass, queries=1)
+    layer.after_attention(None)
+    assert set(layer.positions.view()[0].tolist()) == {0, 1, *survivors, *range(92, 100)}
 
 
 def test_stats_bytes_are_the_tensors_real_sizes():

@@ -497,6 +497,20 @@ def test_the_cache_argument_follows_the_installed_transformers():
 
 
 @pytest.mark.core
+def test_a_chunk_mask_built_in_inference_mode_serves_a_forward_that_autograd_records():
+    """A chunk's causal mask is built once and shared by later calls of the same shape (autograd
+    refuses to save an inference tensor for backward)."""
+    model = tiny_model("llama")
+    ids = random_ids(32, model.config.vocab_size)
+    for mode in (torch.inference_mode, torch.enable_grad):
+        cache = HCCache(model, HCConfig())
+        with mode():
+            model(input_ids=ids[:, :16], use_cache=True, **cache_kwarg(model, cache))
+            logits = model(input_ids=ids[:, 16:], use_cache=True, **cache_kwarg(model, cache)).logits
+    assert logits.requires_grad
+
+
+@pytest.mark.core
 def test_row_buffers_are_ordinary_tensors_even_when_filled_in_inference_mode():
     buffer = RowBuffer(2, (4,), torch.float32, "cpu", growth=8)
     with torch.inference_mode():
