@@ -59,9 +59,10 @@ class MeanPolicy(EvictionPolicy):
     document's start outscores one that only the last chunk saw, so once a long document passes the
     budget, what survives is its beginning, needles later in it go first.  Dividing by the number of
     queries since the row arrived (every one saw it: rows only ever leave, never hide) compares rows
-    of every age on one scale.  kvpress's ObservedAttention normalises H2O the same way.  Measured on
-    ``hcmemory eval``'s 7.5K multikey and qa haystacks with a 4,096-row budget, full attention
-    answering 4 of 11: ``hc`` kept 1 of those answers, this score 3.
+    of every age on one scale.  kvpress's ObservedAttention normalises H2O the same way.  Measured
+    with ``hcmemory eval`` at 7.5K (34 questions, 4,096 of 7,680 rows kept per layer, the question
+    unknown when they are dropped): task-average accuracy 10.3 % against 3.5 % for ``hc`` and 22.4 %
+    for full attention, NLL gap to full attention's answers +0.19 against +0.30 nats per token.
     """
 
     name = "mean"

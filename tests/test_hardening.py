@@ -493,9 +493,6 @@ def test_the_cache_argument_follows_the_installed_transformers():
     assert list(cache_kwarg(model, None)) == [expected]
 
 
-# --- memory accounting --------------------------------------------------------------------------
-
-
 @pytest.mark.core
 def test_a_chunk_mask_built_in_inference_mode_serves_a_forward_that_autograd_records():
     """A chunk's causal mask is built once and shared by later calls of the same shape (autograd
@@ -508,6 +505,9 @@ def test_a_chunk_mask_built_in_inference_mode_serves_a_forward_that_autograd_rec
             model(input_ids=ids[:, :16], use_cache=True, **cache_kwarg(model, cache))
             logits = model(input_ids=ids[:, 16:], use_cache=True, **cache_kwarg(model, cache)).logits
     assert logits.requires_grad
+
+
+# --- memory accounting --------------------------------------------------------------------------
 
 
 @pytest.mark.core
