@@ -119,12 +119,13 @@ def _query_positions(layer: LayerView, chunk: int, first: int, rows: int, device
     return layer.seen - chunk + first + torch.arange(rows, device=device)
 
 
-def _window_mask(layer: LayerView, key_positions: torch.Tensor, chunk: int, first: int, rows: int,
-                 window: int) -> torch.Tensor:
-    """``(..., rows, cols)``: causal and inside the sliding window, from absolute positions."""
+def _window_bias(layer: LayerView, key_positions: torch.Tensor, chunk: int, first: int, rows: int,
+                 window: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(..., rows, cols)`` additive mask: causal and inside the sliding window, from absolute positions."""
     query = _query_positions(layer, chunk, first, rows, key_positions.device)[:, None]
     keys = key_positions[..., None, :]
-    return (keys <= query) & (keys > query - window)
+    visible = (keys <= query) & (keys > query - window)
+    return torch.zeros(visible.shape, device=visible.device, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
 def _outside_window(layer: LayerView, chunk: int, window: int | None) -> bool:
@@ -144,7 +145,7 @@ def _exact_sdpa(layer: LayerView, query: torch.Tensor, scaling: float, window: i
     n = keys.shape[1]
     mask = None
     if _outside_window(layer, chunk, window):
-        mask = _window_mask(layer, layer.positions.view()[0].to(where), chunk, 0, chunk, window)
+        mask = _window_bias(layer, layer.positions.view()[0].to(where), chunk, 0, chunk, window, query.dtype)
     elif chunk > 1 and n > chunk:
         mask = _causal_bias(chunk, n, where, query.dtype)
     return F.scaled_dot_product_attention(
@@ -168,7 +169,8 @@ def _causal_bias(chunk: int, n: int, device: torch.device, dtype: torch.dtype, f
         query_pos = (n - chunk) + first + torch.arange(rows, device=device)
         hidden = torch.arange(n, device=device)[None, :] > query_pos[:, None]
         bias = torch.zeros(rows, selected + n, device=device, dtype=dtype)
-        return bias.masked_fill_(torch.cat([hidden.new_zeros(rows, selected), hidden], dim=1), float("-inf"))
+        bias[:, selected:].masked_fill_(hidden, float("-inf"))
+    return bias
 
 
 def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chunk: int, scaling: float,
@@ -231,10 +233,9 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
     if _outside_window(layer, chunk, window):
         positions = layer.positions.view()[0].to(where)
         if index is None:  # every row in order: one (rows, n) mask for all heads
-            visible = _window_mask(layer, positions, chunk, first, rows, window)
+            bias = _window_bias(layer, positions, chunk, first, rows, window, torch.float32)
         else:  # each head read its own rows: (heads, 1, rows, cols), broadcast over the group
-            visible = _window_mask(layer, positions[index], chunk, first, rows, window)[:, None]
-        bias = torch.zeros(visible.shape, device=where).masked_fill_(~visible, float("-inf"))
+            bias = _window_bias(layer, positions[index], chunk, first, rows, window, torch.float32)[:, None]
     elif chunk > 1:
         bias = _causal_bias(chunk, exact_count, where, torch.float32, first, rows, selected)
     else:
