@@ -143,12 +143,23 @@ def kernel_rows(tokens: int, device: torch.device, heads: int = 8, q_heads: int 
         ("top-p 0.9, previous step's k as hint", "torch", lambda: top_p_select(mass, 0.9, hint)),
         ("int4 rows dequantised and scored", "torch", lambda: approx_scores(int4, query, packed, "torch")),
     ]
+    if fast == "cpp":
+        cases.append(("VQ codes scored (lookup table)", fast, lambda: approx_scores(codec, query, codes, fast)))
     if fast != "torch":
         select = top_p_impl(mass, fast)
-        cases += [("VQ codes scored (lookup table)", fast, lambda: approx_scores(codec, query, codes, fast)),
-                  ("top-p 0.9 of one layer's mass", fast, lambda: select(mass, 0.9))]
-        if fast == "triton":
-            cases.append(("int4 rows dequantised and scored", fast, lambda: approx_scores(int4, query, packed, fast)))
+        cases.append(("top-p 0.9 of one layer's mass", fast, lambda: select(mass, 0.9)))
+    if fast == "triton":
+        from hcmemory.kernels import triton_kernels
+
+        books = codec.groupwise_books()
+        cases += [("VQ codes scored (lookup table)", fast,
+                   lambda: triton_kernels.lut_scores(codec.lookup_table(query), codes)),
+                  ("VQ codes scored (codebook staged per group)", fast,
+                   lambda: triton_kernels.codebook_scores(books.contiguous(), query, codes))]
+        cases += [(f"VQ codes scored (codebook in shared memory, {block} rows per program)", fast,
+                   lambda block=block: triton_kernels.codebook_scores(books, query, codes, block=block))
+                  for block in (64, 128, 256)]
+        cases.append(("int4 rows dequantised and scored", fast, lambda: approx_scores(int4, query, packed, fast)))
     rows = []
     for what, backend, fn in cases:
         row = {"part": "kernel", "tokens": tokens, "what": what, "backend": backend}
@@ -172,16 +183,22 @@ def _error(error: BaseException) -> str:
 
 
 def fill(cache: Any, model: LlamaForCausalLM, tokens: int, device: torch.device, dtype: torch.dtype,
-         chunk: int) -> None:
-    """Synthetic keys and values for every layer, appended ``chunk`` rows at a time."""
+         chunk: int, deadline: float = math.inf) -> int:
+    """Synthetic keys and values for every layer, appended ``chunk`` rows at a time, until ``tokens`` or
+    the ``deadline`` (a ``perf_counter`` time) -> the tokens filled."""
     mc = model.config
     dim = mc.hidden_size // mc.num_attention_heads
     g = torch.Generator(device=device).manual_seed(1)
+    filled = 0
     for _, n in _spans(tokens, chunk):
+        if time.perf_counter() > deadline:
+            break
         for i in range(mc.num_hidden_layers):
             keys = torch.randn(1, mc.num_key_value_heads, n, dim, device=device, dtype=dtype, generator=g) * KEY_SCALE
             values = torch.randn(1, mc.num_key_value_heads, n, dim, device=device, dtype=dtype, generator=g)
             cache.update(keys, values, i)
+        filled += n
+    return filled
 
 
 @torch.no_grad()
@@ -210,24 +227,25 @@ def gpu_fits(device: torch.device, bytes_needed: int) -> bool:
     return bytes_needed < 0.85 * free
 
 
-def caches(model: LlamaForCausalLM, tokens: int, device: torch.device) -> dict[str, Callable[[], Any]]:
-    """The caches that fit at ``tokens``: hc-12.5 (or compact when its host side does not fit),
-    DynamicCache on the device, the offloaded DynamicCache."""
+def caches(model: LlamaForCausalLM, tokens: int, device: torch.device) -> dict[str, Callable[[], Any] | str]:
+    """Every cache at ``tokens``: a constructor, or why it cannot hold that context here.  hc-12.5 (or
+    compact when hc-12.5's host side does not fit), DynamicCache on the device, the offloaded DynamicCache."""
     mc = model.config
     dim = mc.hidden_size // mc.num_attention_heads
     full = tokens * mc.num_hidden_layers * 2 * mc.num_key_value_heads * dim * 2  # bf16 K + V
     preset = "hc-12.5" if host_fits(full) else "compact"
-    out: dict[str, Callable[[], Any]] = {preset: lambda: HCCache(model, HCConfig.preset(
-        preset, calibration="context", calibration_tokens=min(4096, tokens // 2)))}
-    if gpu_fits(device, full):
-        out["DynamicCache"] = lambda: DynamicCache(config=mc)
-    if device.type == "cuda" and host_fits(full):
-        out["DynamicCache offloaded"] = lambda: DynamicCache(config=mc, offloading=True)
-    return out
+    gb = f"{full / 1e9:.0f} GB of bf16 keys and values"
+    return {preset: lambda: HCCache(model, HCConfig.preset(
+                preset, calibration="context", calibration_tokens=min(4096, tokens // 2))),
+            "DynamicCache": (lambda: DynamicCache(config=mc)) if gpu_fits(device, full)
+            else f"does not fit: {gb} in the GPU's free memory",
+            "DynamicCache offloaded": (lambda: DynamicCache(config=mc, offloading=True))
+            if device.type == "cuda" and host_fits(full)
+            else ("needs CUDA" if device.type != "cuda" else f"does not fit: {gb} in host memory")}
 
 
 def end_to_end_row(model: LlamaForCausalLM, method: str, make: Callable[[], Any], tokens: int, first: bool,
-                   device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+                   device: torch.device, dtype: torch.dtype, deadline: float = math.inf) -> dict[str, Any]:
     release_memory(device)
     row: dict[str, Any] = {"part": "end to end", "tokens": tokens, "cache": method}
     cache = make()
@@ -239,9 +257,13 @@ def end_to_end_row(model: LlamaForCausalLM, method: str, make: Callable[[], Any]
             sync(device)
             row["prefill_tok_s"] = tokens / (time.perf_counter() - started)
         else:  # transformers' caches concatenate: one append per layer; hc appends in prefill-sized chunks
-            fill(cache, model, tokens, device, dtype, FILL_CHUNK if isinstance(cache, HCCache) else tokens)
+            filled = fill(cache, model, tokens, device, dtype, FILL_CHUNK if isinstance(cache, HCCache) else tokens,
+                          deadline)
             sync(device)
             row["fill_s"] = time.perf_counter() - started
+            if filled < tokens:
+                row.update(filled_tokens=filled, skipped="deadline while filling")
+                return row
         row["decode_tok_s"] = decode_rate(model, cache, device)
         if device.type == "cuda":
             row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -268,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="lengths of the kernel timings (default: --lengths; none: skip them)")
     parser.add_argument("--no-prefill", action="store_true", help="fill the first length directly too")
     parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds after which no new end-to-end row starts (a lease is short)")
+                        help="seconds after which no end-to-end row starts or goes on filling (a lease is short)")
     parser.add_argument("--name", default="gpu", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -290,16 +312,19 @@ def main(argv: list[str] | None = None) -> None:
     kernel_shape = dict(heads=2, q_heads=4, dim=32, repeats=2) if toy else {}
     for tokens in lengths if args.kernel_lengths is None else args.kernel_lengths:
         rows += kernel_rows(tokens, device, **kernel_shape)
-        log.info("kernels at %d rows: %s", tokens, [(r["what"], r["backend"], r.get("ms")) for r in rows[-9:]
-                                                      if "backend" in r])
+        log.info("kernels at %d rows: %s", tokens, [(r["what"], r["backend"], r.get("ms", r.get("error")))
+                                                      for r in rows if r["tokens"] == tokens and "backend" in r])
         save()
     model = build_model(shape, device, dtype)
+    deadline = math.inf if args.deadline is None else began + args.deadline
     for i, tokens in enumerate(lengths):
         for method, make in caches(model, tokens, device).items():
-            if args.deadline is not None and time.perf_counter() - began > args.deadline:
-                rows.append({"part": "end to end", "tokens": tokens, "cache": method, "skipped": "deadline"})
+            if isinstance(make, str) or time.perf_counter() > deadline:
+                rows.append({"part": "end to end", "tokens": tokens, "cache": method,
+                             "skipped": make if isinstance(make, str) else "deadline"})
                 continue
-            rows.append(end_to_end_row(model, method, make, tokens, i == 0 and not args.no_prefill, device, dtype))
+            rows.append(end_to_end_row(model, method, make, tokens, i == 0 and not args.no_prefill, device, dtype,
+                                       deadline))
             log.info("%s", rows[-1])
             save()
     save()

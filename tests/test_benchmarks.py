@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +41,19 @@ def test_gpu_benchmark_runs_at_toy_sizes(tmp_path):
 
     stopped = run_bench("bench_gpu", ["--toy", "--lengths", "128", "--deadline", "0", "--name", "late"],
                         tmp_path)["late.json"]
-    assert {r.get("skipped") for r in stopped["rows"] if r["part"] == "end to end"} == {"deadline"}
+    skipped = {r["cache"]: r.get("skipped") for r in stopped["rows"] if r["part"] == "end to end"}
+    assert skipped == {"hc-12.5": "deadline", "DynamicCache": "deadline", "DynamicCache offloaded": "needs CUDA"}
+
+
+def test_gpu_benchmark_stops_a_fill_at_the_deadline_and_says_how_far_it_got():
+    from benchmarks import bench_gpu
+
+    device = torch.device("cpu")
+    model = bench_gpu.build_model(bench_gpu.TOY, device, torch.float32)
+    make = bench_gpu.caches(model, 300, device)["hc-12.5"]
+    row = bench_gpu.end_to_end_row(model, "hc-12.5", make, 300, False, device, torch.float32,
+                                   deadline=time.perf_counter())
+    assert row["skipped"] == "deadline while filling" and row["filled_tokens"] == 0 and "decode_tok_s" not in row
 
 
 def test_scaling_benchmark_runs_at_toy_sizes(tmp_path):
