@@ -143,23 +143,12 @@ def kernel_rows(tokens: int, device: torch.device, heads: int = 8, q_heads: int 
         ("top-p 0.9, previous step's k as hint", "torch", lambda: top_p_select(mass, 0.9, hint)),
         ("int4 rows dequantised and scored", "torch", lambda: approx_scores(int4, query, packed, "torch")),
     ]
-    if fast == "cpp":
-        cases.append(("VQ codes scored (lookup table)", fast, lambda: approx_scores(codec, query, codes, fast)))
     if fast != "torch":
         select = top_p_impl(mass, fast)
-        cases.append(("top-p 0.9 of one layer's mass", fast, lambda: select(mass, 0.9)))
-    if fast == "triton":
-        from hcmemory.kernels import triton_kernels
-
-        books = codec.groupwise_books()
-        cases += [("VQ codes scored (lookup table)", fast,
-                   lambda: triton_kernels.lut_scores(codec.lookup_table(query), codes)),
-                  ("VQ codes scored (codebook staged per group)", fast,
-                   lambda: triton_kernels.codebook_scores(books.contiguous(), query, codes))]
-        cases += [(f"VQ codes scored (codebook in shared memory, {block} rows per program)", fast,
-                   lambda block=block: triton_kernels.codebook_scores(books, query, codes, block=block))
-                  for block in (64, 128, 256)]
-        cases.append(("int4 rows dequantised and scored", fast, lambda: approx_scores(int4, query, packed, fast)))
+        cases += [("VQ codes scored (lookup table)", fast, lambda: approx_scores(codec, query, codes, fast)),
+                  ("top-p 0.9 of one layer's mass", fast, lambda: select(mass, 0.9))]
+        if fast == "triton":
+            cases.append(("int4 rows dequantised and scored", fast, lambda: approx_scores(int4, query, packed, fast)))
     rows = []
     for what, backend, fn in cases:
         row = {"part": "kernel", "tokens": tokens, "what": what, "backend": backend}
@@ -189,8 +178,8 @@ def fill(cache: Any, model: LlamaForCausalLM, tokens: int, device: torch.device,
     mc = model.config
     dim = mc.hidden_size // mc.num_attention_heads
     g = torch.Generator(device=device).manual_seed(1)
-    filled = 0
-    for _, n in _spans(tokens, chunk):
+    filled, started = 0, time.perf_counter()
+    for step, (_, n) in enumerate(_spans(tokens, chunk), 1):
         if time.perf_counter() > deadline:
             break
         for i in range(mc.num_hidden_layers):
@@ -198,6 +187,8 @@ def fill(cache: Any, model: LlamaForCausalLM, tokens: int, device: torch.device,
             values = torch.randn(1, mc.num_key_value_heads, n, dim, device=device, dtype=dtype, generator=g)
             cache.update(keys, values, i)
         filled += n
+        if step % 8 == 0:  # a killed call still shows the fill's rate
+            log.info("filled %d of %d tokens in %.0f s", filled, tokens, time.perf_counter() - started)
     return filled
 
 

@@ -61,8 +61,8 @@ def approx_scores(codec: Codec, queries: torch.Tensor, codes: torch.Tensor, back
     if chosen == "triton":
         from . import triton_kernels
 
-        if isinstance(codec, VQCodec) and codec.table_pays(queries.shape[1]):
-            return triton_kernels.codebook_scores(codec.groupwise_books(), queries, codes)
+        if isinstance(codec, VQCodec):
+            return triton_kernels.lut_scores(codec.lookup_table(queries), codes)
         if isinstance(codec, UniformCodec):
             shift, scale = codec.channel_stats(codes.device) if codec.axis == "channel" else (None, None)
             return triton_kernels.uniform_scores(queries, codes, codec.bits, codec.group_size, shift, scale)

@@ -24,11 +24,6 @@ _BLOCK_N = 64
 _SCAN_BLOCK = 1024
 """Rows per loop step of the top-p kernels: one program per head walks every row, so wide steps."""
 _BISECTIONS = 40
-_BOOK_ELEMENTS = 8192
-"""Codebook entries staged in shared memory per step of ``codebook_scores`` (32 KB of float32) where
-every group has its own codebook."""
-_PRODUCT_ELEMENTS = 8192
-"""Bound on (rows x groups x queries) per step of ``codebook_scores``: the products live in registers."""
 
 
 @triton.jit
@@ -72,68 +67,6 @@ def lut_scores(table: torch.Tensor, codes: torch.Tensor, scale: float = 1.0, out
     _lut_gather[grid](table.contiguous(), codes, out, n, codes.stride(0), codes.stride(1), scale,
                       G=groups, C=centroids, M=m, MP=max(2, triton.next_power_of_2(m)),
                       WIDE=codes.dtype == torch.int16, BLOCK_N=_BLOCK_N)
-    return out
-
-
-@triton.jit
-def _codebook_dot(books, queries, codes, out, n, stride_bh, stride_bg, stride_ch, stride_cn, scale,
-                  G: tl.constexpr, C: tl.constexpr, S: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-                  GC: tl.constexpr, CSP: tl.constexpr, SHARED: tl.constexpr, WIDE: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    live = rows < n
-    cols = tl.arange(0, GC)
-    flat = tl.arange(0, CSP)
-    ms = tl.arange(0, MP)
-    acc = tl.zeros((BLOCK_N, MP), dtype=tl.float32)
-    if SHARED:  # one codebook for every group: staged once, gathered from as a flat (centroid, coordinate) list
-        book = tl.load(books + h * stride_bh + flat, mask=flat < C * S, other=0.0)
-    for chunk in range(0, G, GC):
-        groups = chunk + cols
-        glive = groups < G
-        code = tl.load(codes + h * stride_ch + rows[:, None] * stride_cn + groups[None, :],
-                       mask=live[:, None] & glive[None, :], other=0).to(tl.int32)
-        if WIDE:
-            code = code & 0xFFFF  # 16-bit codes are stored as their two's complement
-        if not SHARED:  # column j holds group chunk + j's codebook
-            book = tl.load(books + h * stride_bh + groups[None, :] * stride_bg + flat[:, None],
-                           mask=glive[None, :] & (flat[:, None] < C * S), other=0.0)
-        for t in tl.static_range(S):
-            if SHARED:
-                coordinate = tl.reshape(tl.gather(book, tl.reshape(code * S + t, (BLOCK_N * GC,)), axis=0),
-                                        (BLOCK_N, GC))
-            else:
-                coordinate = tl.gather(book, code * S + t, axis=0)
-            q = tl.load(queries + (h * M + ms[None, :]) * (G * S) + groups[:, None] * S + t,
-                        mask=glive[:, None] & (ms[None, :] < M), other=0.0)
-            acc += tl.sum(coordinate[:, :, None] * q[None, :, :], axis=1)
-    tl.store(out + h * M * n + ms[None, :] * n + rows[:, None], acc * scale, mask=live[:, None] & (ms[None, :] < M))
-
-
-def codebook_scores(books: torch.Tensor, queries: torch.Tensor, codes: torch.Tensor, scale: float = 1.0,
-                    out: torch.Tensor | None = None, block: int = _BLOCK_N) -> torch.Tensor:
-    """``books (heads, g, c, s)`` (the codec's ``groupwise_books``; expanded views are read in place),
-    ``queries (heads, m, g * s)`` and codes ``(heads, n, g)`` -> scores ``(heads, m, n)`` float32, times
-    ``scale`` (into ``out`` when given)."""
-    heads, groups, centroids, sub = books.shape
-    m = queries.shape[1]
-    if books.stride(3) != 1 or books.stride(2) != sub:
-        books = books.contiguous()
-    codes, out, _ = _prepared(codes, m, out)
-    n = codes.shape[1]
-    if n == 0:
-        return out
-    flat = triton.next_power_of_2(centroids * sub)
-    shared = books.stride(1) == 0 or groups == 1
-    mp = max(2, triton.next_power_of_2(m))
-    per_chunk = min(triton.next_power_of_2(groups), max(1, _PRODUCT_ELEMENTS // (block * mp)))
-    if not shared:
-        per_chunk = max(1, min(per_chunk, _BOOK_ELEMENTS // flat))
-    _codebook_dot[(heads, triton.cdiv(n, block))](
-        books, queries.float().contiguous(), codes, out, n, books.stride(0), books.stride(1), codes.stride(0),
-        codes.stride(1), scale, G=groups, C=centroids, S=sub, M=m, MP=mp, GC=per_chunk, CSP=flat, SHARED=shared,
-        WIDE=codes.dtype == torch.int16, BLOCK_N=block)
     return out
 
 

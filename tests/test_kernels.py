@@ -32,8 +32,7 @@ def strided(codes: torch.Tensor, spare: int = 7) -> torch.Tensor:
 @pytest.mark.parametrize("subvector, centroids, sharing", [(1, 16, "head"), (2, 256, "layer"), (4, 300, "group")])
 @pytest.mark.parametrize("n, queries", [(1, 1), (37, 3), (130, 5), (70, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kernel", ["lut", "codebook"])
-def test_vq_scores_equal_the_reference(subvector, centroids, sharing, n, queries, dtype, kernel):
+def test_lut_scores_equal_the_reference(subvector, centroids, sharing, n, queries, dtype):
     torch.manual_seed(n + queries)
     heads, dim = 3, 16
     codec = VQCodec(heads, dim, subvector_dim=subvector, centroids=centroids, sharing=sharing, kmeans_iters=2,
@@ -43,28 +42,10 @@ def test_vq_scores_equal_the_reference(subvector, centroids, sharing, n, queries
     q = torch.randn(heads, queries, dim, device=DEVICE).to(dtype)
     expected = codec._score_decoded(q.float(), codes)
     out = torch.full((heads, queries, n), float("nan"), device=DEVICE)
-    if kernel == "lut":
-        got = triton_kernels.lut_scores(codec.lookup_table(q), codes, out=out)
-    else:
-        got = triton_kernels.codebook_scores(codec.groupwise_books(), q, codes, out=out)
+    got = triton_kernels.lut_scores(codec.lookup_table(q), codes, out=out)
     assert got is out and not torch.isnan(got).any(), "every score is written"
     assert relative_error(got, expected) < TOLERANCE[dtype]
     assert relative_error(approx_scores(codec, q, codes, backend="triton"), expected) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("subvector, centroids, sharing", [(2, 256, "head"), (4, 4096, "group"), (2, 64, "layer")])
-def test_codebook_scores_step_through_many_groups(subvector, centroids, sharing):
-    """The 8B shape's 64 groups take several steps of the kernel; 4,096 centroids on 4 dims (the paper's
-    16-bit codes) stage one group's codebook at a time."""
-    torch.manual_seed(centroids)
-    heads, dim, n = 2, 128, 75
-    codec = VQCodec(heads, dim, subvector_dim=subvector, centroids=centroids, sharing=sharing, kmeans_iters=1,
-                    device=DEVICE)
-    codec.fit(torch.randn(heads, max(400, centroids), dim, device=DEVICE))
-    codes = strided(codec.encode(torch.randn(heads, n, dim, device=DEVICE)))
-    q = torch.randn(heads, 4, dim, device=DEVICE)
-    got = triton_kernels.codebook_scores(codec.groupwise_books(), q, codes, scale=0.5)
-    assert relative_error(got, 0.5 * codec._score_decoded(q, codes)) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
