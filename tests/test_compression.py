@@ -108,6 +108,25 @@ def test_residual_rescoring_keys_refine_the_codes_in_the_same_bytes():
     assert errors[True] < errors[False] / 3, errors
 
 
+def test_quant_group_size_trades_host_bytes_for_precision_in_every_int_codec():
+    """Wider groups store fewer min/step pairs (4 B each) in the re-scoring keys and the values, and err more."""
+    base = dict(key_codec="vq", vq_centroids=64, vq_subvector_dim=2, rescore_keys="int4", rescore_residual=True,
+                value_codec="int4", value_placement="host", sink_tokens=4, recent_tokens=16)
+    host, errors = {}, {}
+    for group in (4, 16, 64):  # 64 > the 16-dim head: one group per row, as 16 does
+        layer, keys, values = filled_layer(HCConfig(**base, quant_group_size=group), n=400)
+        got_keys, got_values = layer.exact_rows(0, len(layer))
+        host[group] = layer.host_bytes()
+        errors[group] = [float(((got - want) ** 2).sum() / (want ** 2).sum())
+                         for got, want in ((got_keys, keys), (got_values, values))]
+    rows = 2 * 400  # heads x rows, in each of the two int4 stores
+    assert host[4] - host[16] == 2 * rows * (16 // 4 - 1) * 4, "three fewer 4-byte groups per row and store"
+    assert host[64] == host[16]
+    assert all(e16 > e4 for e16, e4 in zip(errors[16], errors[4])), errors
+    with pytest.raises(ValueError, match=r"HCConfig\.quant_group_size=12 does not divide .* head dimension \(16\)"):
+        filled_layer(HCConfig(**base, quant_group_size=12))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rescored_model_logits_equal_full(family, residual):

@@ -398,19 +398,23 @@ def test_an_inconsistent_checkpoint_is_refused(smollm2, tmp_path, case):
         HCContext.load(edited, model, tokenizer)
 
 
-def test_a_format_2_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_path):
-    """Format 3 added ``rescore_residual``; a format-2 file lacks it and ran without it."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_older_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_path, version):
+    """Format 3 added ``rescore_residual`` and format 4 ``quant_group_size``; an older file lacks them
+    and ran with ``rescore_residual=False`` and groups of 32."""
     model, tokenizer = smollm2
-    ctx = HCContext(model, tokenizer, HCConfig.preset("hc-12.5", vq_centroids=64))
+    ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, rescore_residual=False))
     ctx.append(DOC)
     path = tmp_path / "ctx.hcm"
     ctx.save(path)
 
-    def as_format_2(header):
-        header.update(format_version=2)
-        header["config"].pop("rescore_residual")
+    def as_older(header):
+        header.update(format_version=version)
+        for field, added in (("rescore_residual", 3), ("quant_group_size", 4)):
+            if added > version:
+                header["config"].pop(field)
 
-    loaded = HCContext.load(_edit_file(path, tmp_path, as_format_2, None), model, tokenizer)
+    loaded = HCContext.load(_edit_file(path, tmp_path, as_older, None), model, tokenizer)
     assert loaded.config == ctx.config and loaded.token_ids == ctx.token_ids
 
 
