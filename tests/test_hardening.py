@@ -401,12 +401,8 @@ def test_an_inconsistent_checkpoint_is_refused(smollm2, tmp_path, case):
 @pytest.mark.parametrize("version", [2, 3])
 def test_an_older_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_path, version):
     """Format 3 added ``rescore_residual`` and format 4 ``quant_group_size``; an older file lacks them
-    and ran with ``rescore_residual=False`` and groups of 32."""
+    and ran with ``rescore_residual=False`` and groups of 32 — and rows of other groups do not fit it."""
     model, tokenizer = smollm2
-    ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, rescore_residual=False))
-    ctx.append(DOC)
-    path = tmp_path / "ctx.hcm"
-    ctx.save(path)
 
     def as_older(header):
         header.update(format_version=version)
@@ -414,8 +410,19 @@ def test_an_older_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_pa
             if added > version:
                 header["config"].pop(field)
 
-    loaded = HCContext.load(_edit_file(path, tmp_path, as_older, None), model, tokenizer)
-    assert loaded.config == ctx.config and loaded.token_ids == ctx.token_ids
+    for group in (32, 64):
+        ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, rescore_residual=False,
+                                                          quant_group_size=group))
+        ctx.append(DOC)
+        path = tmp_path / f"ctx-{group}.hcm"
+        ctx.save(path)
+        edited = _edit_file(path, tmp_path, as_older, None)
+        if group == 32:
+            loaded = HCContext.load(edited, model, tokenizer)
+            assert loaded.config == ctx.config and loaded.token_ids == ctx.token_ids
+        else:
+            with pytest.raises(CheckpointError, match="does not fit its own header"):
+                HCContext.load(edited, model, tokenizer)
 
 
 def test_a_saved_state_is_a_copy_taken_under_the_lock(doc_context):
