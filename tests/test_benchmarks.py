@@ -56,6 +56,21 @@ def test_gpu_benchmark_stops_a_fill_at_the_deadline_and_says_how_far_it_got():
     assert row["skipped"] == "deadline while filling" and row["filled_tokens"] == 0 and "decode_tok_s" not in row
 
 
+def test_gpu_benchmark_decode_stops_at_the_deadline_after_one_timed_step():
+    """A 1M-token decode step can take a minute: past the deadline the rate comes from the steps timed
+    so far (at least one after the warm-up), and the row says how many."""
+    from benchmarks import bench_gpu
+
+    device = torch.device("cpu")
+    model = bench_gpu.build_model(bench_gpu.TOY, device, torch.float32)
+    cache = bench_gpu.caches(model, 64, device)["DynamicCache"]()
+    bench_gpu.fill(cache, model, 64, device, torch.float32, 64)
+    rate, steps = bench_gpu.decode_rate(model, cache, device, deadline=time.perf_counter())
+    assert steps == 1 and rate > 0 and cache.get_seq_length() == 64 + 2
+    rate, steps = bench_gpu.decode_rate(model, cache, device)
+    assert steps == bench_gpu.DECODE_STEPS and cache.get_seq_length() == 64 + 2 + bench_gpu.DECODE_STEPS + 1
+
+
 def test_scaling_benchmark_runs_at_toy_sizes(tmp_path):
     results = run_bench("bench_scaling", ["--rows", "512", "1024", "--stack", "2"], tmp_path)["scaling.json"]
     methods = {(r["shape"], r["rows"], r["method"]) for r in results["rows"]}
