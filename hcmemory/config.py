@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 CHOICES: dict[str, tuple] = {
-    "key_codec": ("none", "vq", "int8", "int4", "int2"),
+    "key_codec": ("none", "vq", "int8", "int4", "int3", "int2"),
     "vq_subvector_dim": (1, 2, 4, 8),
     "vq_codebook": ("layer", "head", "group"),
     "calibration": ("shipped", "context"),
-    "rescore_keys": ("fp16", "int8", "int4", "int2", "none"),
-    "value_codec": ("none", "fp16", "bf16", "int8", "int4", "int2"),
+    "rescore_keys": ("fp16", "int8", "int4", "int3", "int2", "none"),
+    "value_codec": ("none", "fp16", "bf16", "int8", "int4", "int3", "int2"),
     "value_placement": ("host", "device"),
     "eviction": ("none", "hc", "mean", "h2o", "streaming", "window"),
     "selection_aggregate": ("mean", "max", "union"),

@@ -9,7 +9,7 @@ but ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so tests set it
 * ``top_p_rows`` — per head, the smallest set of rows reaching ``p`` of the mass, found by bisection
   on a threshold (no sort), then the top-``k`` rows of every head for ``k`` = the largest such set:
   the same rectangular choice as ``selection.top_p_select``, with one device-to-host read (``k``).
-* ``uniform_scores`` — packed int8/int4/int2 rows unpacked, dequantised (per-group min/step, then the
+* ``uniform_scores`` — packed int8/int4/int3/int2 rows unpacked, dequantised (per-group min/step, then the
   codec's per-channel shift/scale) and dotted with the queries in registers.
 """
 
@@ -141,15 +141,20 @@ def top_p_rows(mass: torch.Tensor, top_p: float, min_rows: int = 0) -> torch.Ten
 
 @triton.jit
 def _uniform_dot(codes, qs, qsum, out, n, stride_ch, stride_cn, scale,
-                 D: tl.constexpr, BITS: tl.constexpr, PER_BYTE: tl.constexpr, GROUP: tl.constexpr,
-                 CODE_BYTES: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CODE_BYTES: tl.constexpr,
+                 M: tl.constexpr, BLOCK_N: tl.constexpr):
     h = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < n
     dims = tl.arange(0, D)
-    byte = tl.load(codes + h * stride_ch + rows[:, None] * stride_cn + (dims // PER_BYTE)[None, :],
-                   mask=live[:, None], other=0).to(tl.int32)
-    q = (byte >> ((dims % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+    bit = dims * BITS  # the codes are one little-endian bit stream
+    row = codes + h * stride_ch + rows[:, None] * stride_cn
+    word = tl.load(row + (bit // 8)[None, :], mask=live[:, None], other=0).to(tl.int32)
+    if 8 % BITS != 0:  # int3: a code may straddle two bytes
+        second = (bit // 8 + 1) < CODE_BYTES
+        word |= tl.load(row + (bit // 8 + 1)[None, :], mask=live[:, None] & second[None, :],
+                        other=0).to(tl.int32) << 8
+    q = (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
     group = dims // GROUP
     param = h * stride_ch + rows[:, None] * stride_cn + CODE_BYTES + group[None, :] * 4
     low = (tl.load(codes + param, mask=live[:, None], other=0).to(tl.uint16)
@@ -182,6 +187,5 @@ def uniform_scores(queries: torch.Tensor, codes: torch.Tensor, bits: int, group_
     if n == 0:
         return out
     _uniform_dot[grid](codes, q.contiguous(), qsum.contiguous(), out, n, codes.stride(0), codes.stride(1), scale,
-                       D=dim, BITS=bits, PER_BYTE=8 // bits, GROUP=group_size, CODE_BYTES=dim * bits // 8, M=m,
-                       BLOCK_N=_BLOCK_N)
+                       D=dim, BITS=bits, GROUP=group_size, CODE_BYTES=dim * bits // 8, M=m, BLOCK_N=_BLOCK_N)
     return out

@@ -179,7 +179,11 @@ def test_vq_rejects_bad_arguments() -> None:
 def test_pack_bits_layout_and_round_trip() -> None:
     assert pack_bits(torch.tensor([1, 2, 3, 0]), 2).tolist() == [1 | 2 << 2 | 3 << 4]
     assert pack_bits(torch.tensor([5, 12]), 4).tolist() == [5 | 12 << 4]
-    for bits in (8, 4, 2):
+    # int3: eight codes as one little-endian 24-bit word; codes 2 and 5 straddle a byte boundary
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
+    word = sum(int(c) << 3 * i for i, c in enumerate(codes))
+    assert pack_bits(codes, 3).tolist() == [word & 0xFF, word >> 8 & 0xFF, word >> 16]
+    for bits in (8, 4, 3, 2):
         q = torch.randint(0, 1 << bits, (3, 7, 64))
         packed = pack_bits(q, bits)
         assert packed.dtype == torch.uint8 and packed.shape == (3, 7, 64 * bits // 8)
@@ -192,7 +196,7 @@ def _params(codec: UniformCodec, codes: torch.Tensor) -> torch.Tensor:
     return codes[..., codec.code_bytes:].contiguous().view(torch.float16).view(heads, n, -1, 2).float()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("axis", ["token", "channel"])
 def test_uniform_round_trip_within_half_a_step(bits: int, axis: str) -> None:
     codec = UniformCodec(HEADS, DIM, bits=bits, axis=axis)
@@ -215,7 +219,7 @@ def test_uniform_round_trip_within_half_a_step(bits: int, axis: str) -> None:
     assert torch.all(error <= bound + 1e-6 * (1 + x.abs().view_as(error)))
 
 
-@pytest.mark.parametrize("bits, width", [(8, 64 + 8), (4, 32 + 8), (2, 16 + 8)])
+@pytest.mark.parametrize("bits, width", [(8, 64 + 8), (4, 32 + 8), (3, 24 + 8), (2, 16 + 8)])
 def test_uniform_rows_are_packed(bits: int, width: int) -> None:
     codec = make_codec(f"int{bits}", HEADS, DIM)
     codes = codec.encode(_rows(10))
@@ -267,11 +271,13 @@ def test_uniform_channel_axis_needs_calibration_and_round_trips_state() -> None:
 
 
 def test_uniform_rejects_bad_arguments() -> None:
-    for kwargs, field in [({"bits": 3}, "bits"), ({"axis": "row"}, "axis"), ({"group_size": 24}, "group_size")]:
+    for kwargs, field in [({"bits": 5}, "bits"), ({"axis": "row"}, "axis"), ({"group_size": 24}, "group_size")]:
         with pytest.raises(ValueError, match=field):
             UniformCodec(HEADS, DIM, **kwargs)
-    with pytest.raises(ValueError, match="dim=6"):
+    with pytest.raises(ValueError, match="dim=6 must be a multiple of 4"):
         UniformCodec(HEADS, 6, bits=2, group_size=6)
+    with pytest.raises(ValueError, match="dim=12 must be a multiple of 8"):  # int3 packs 8 codes per 3 bytes
+        UniformCodec(HEADS, 12, bits=3, group_size=12)
     with pytest.raises(ValueError, match="'shift'"):
         UniformCodec(HEADS, DIM, axis="channel").load_state_dict({"scale": torch.ones(HEADS, DIM)})
 
@@ -279,7 +285,7 @@ def test_uniform_rejects_bad_arguments() -> None:
 # --- factory ------------------------------------------------------------------------------------
 
 def test_make_codec_kinds() -> None:
-    assert set(CODEC_KINDS) == {"none", "fp16", "bf16", "vq", "int8", "int4", "int2"}
+    assert set(CODEC_KINDS) == {"none", "fp16", "bf16", "vq", "int8", "int4", "int3", "int2"}
     none = make_codec("none", HEADS, DIM, dtype=torch.bfloat16)
     assert isinstance(none, IdentityCodec) and none.dtype == torch.bfloat16
     assert make_codec("fp16", HEADS, DIM, dtype=torch.float32).dtype == torch.float16
@@ -288,5 +294,6 @@ def test_make_codec_kinds() -> None:
     assert isinstance(vq, VQCodec) and (vq.groups, vq.centroids, vq.sharing, vq.kmeans_iters) == (32, 512, "group", 3)
     int4 = make_codec("int4", HEADS, DIM, axis="channel")
     assert isinstance(int4, UniformCodec) and (int4.bits, int4.axis) == (4, "channel")
-    with pytest.raises(ValueError, match="kind='int3'.*'int2'"):
-        make_codec("int3", HEADS, DIM)
+    assert make_codec("int3", HEADS, DIM).bits == 3
+    with pytest.raises(ValueError, match="kind='int5'.*'int2'"):
+        make_codec("int5", HEADS, DIM)

@@ -9,7 +9,7 @@ from hcmemory import HCConfig
 BAD_FIELDS = [
     ("key_codec", "zip"), ("value_placement", "gpu"), ("vq_codebook", "token"), ("vq_subvector_dim", 3),
     ("vq_centroids", 1), ("top_p", 0.0), ("top_p", 1.5), ("selection_queries", 0), ("selection_queries", True),
-    ("recent_tokens", -1), ("chunk_size", 0), ("rescore", "yes"), ("rescore_keys", "int3"),
+    ("recent_tokens", -1), ("chunk_size", 0), ("rescore", "yes"), ("rescore_keys", "int5"),
     ("rescore_residual", 1), ("rescore_residual", True),  # True with key_codec="none": nothing to refine
     ("quant_group_size", 0), ("quant_group_size", 32.0),
 ]

@@ -48,7 +48,7 @@ def test_lut_scores_equal_the_reference(subvector, centroids, sharing, n, querie
     assert relative_error(approx_scores(codec, q, codes, backend="triton"), expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 @pytest.mark.parametrize("n, queries", [(1, 1), (45, 3), (129, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

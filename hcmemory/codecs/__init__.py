@@ -29,7 +29,7 @@ def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = N
 
     ``none`` keeps rows in ``dtype`` (None: as given); ``fp16``/``bf16`` force that float type and
     ignore ``dtype``; ``vq`` uses the ``subvector_dim``/``centroids``/``sharing``/``kmeans_iters``
-    knobs; ``int8/4/2`` quantize along ``axis`` (``token`` for values, ``channel`` for keys) in groups of
+    knobs; ``int8/4/3/2`` quantize along ``axis`` (``token`` for values, ``channel`` for keys) in groups of
     ``group_size`` channels (None: the codec's default).
     Arguments a kind does not use are ignored, so callers can pass one set of knobs for every kind.
     ``device`` is where the codec keeps its own tensors (codebooks, channel statistics); ``nearest`` is
@@ -44,7 +44,7 @@ def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = N
     if kind == "vq":
         return VQCodec(heads, dim, subvector_dim=subvector_dim, centroids=centroids, sharing=sharing,
                        kmeans_iters=kmeans_iters, device=device, nearest=nearest)
-    if kind in ("int8", "int4", "int2"):
+    if kind in ("int8", "int4", "int3", "int2"):
         return UniformCodec(heads, dim, bits=int(kind[3:]), axis=axis, group_size=group_size, device=device)
     raise ValueError(f"make_codec: kind={kind!r} is not valid; allowed values: {', '.join(map(repr, CODEC_KINDS))}")
 

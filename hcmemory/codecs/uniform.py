@@ -1,7 +1,8 @@
-"""``int8`` / ``int4`` / ``int2``: uniform scalar quantization into packed, fixed-width byte rows.
+"""``int8`` / ``int4`` / ``int3`` / ``int2``: uniform scalar quantization into packed, fixed-width byte rows.
 
-Every row (one token of one head) becomes one uint8 row: the ``bits``-bit codes packed ``8 / bits``
-to a byte, followed by each channel group's minimum and step as float16 bytes.  Keeping the
+Every row (one token of one head) becomes one uint8 row: the ``bits``-bit codes packed densely (``8 /
+bits`` to a byte; ``int3`` packs eight codes into three bytes), followed by each channel group's minimum
+and step as float16 bytes.  Keeping the
 per-group parameters inside the row is what lets the cache gather, append and evict rows without
 knowing the format, and makes ``nbytes`` of the stored rows the real footprint: int4 of a 64-dim
 row with groups of 32 is 32 code bytes + 2 × 4 parameter bytes = 40 bytes, against 128 in fp16.
@@ -13,35 +14,50 @@ its input (rows must stay inside the float16 range, which post-RoPE keys and val
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import Codec
 
-BITS = (8, 4, 2)
+BITS = (8, 4, 3, 2)
 AXES = ("token", "channel")
 _PARAM_BYTES = 4
 """Bytes per channel group inside a row: float16 minimum + float16 step."""
 
 
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    """Bit offsets of the ``8 / bits`` codes sharing one byte (first code in the low bits)."""
-    return torch.arange(0, 8, bits, dtype=torch.int32, device=device)
+def _word(bits: int) -> tuple[int, int]:
+    """``(codes, bytes)`` of the smallest whole-byte word holding whole codes: ``(8 / bits, 1)`` for
+    8/4/2 bits, ``(8, 3)`` for 3 bits."""
+    codes = 8 // math.gcd(8, bits)
+    return codes, codes * bits // 8
+
+
+def _shifts(step: int, count: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, step * count, step, dtype=torch.int32, device=device)
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes ``(..., d)`` in ``[0, 2**bits)`` into ``(..., d * bits / 8)`` uint8; ``d`` must fill whole bytes."""
+    """Pack codes ``(..., d)`` in ``[0, 2**bits)`` into ``(..., d * bits / 8)`` uint8, little-endian
+    within each word (the first code in the low bits); ``d`` must fill whole words."""
     if bits == 8:
         return q.to(torch.uint8)
-    grouped = q.to(torch.int32).unflatten(-1, (-1, 8 // bits))
-    return (grouped << _shifts(bits, q.device)).sum(-1).to(torch.uint8)
+    codes, nbytes = _word(bits)
+    words = (q.to(torch.int32).unflatten(-1, (-1, codes)) << _shifts(bits, codes, q.device)).sum(-1)
+    if nbytes == 1:
+        return words.to(torch.uint8)
+    return ((words.unsqueeze(-1) >> _shifts(8, nbytes, q.device)) & 0xFF).to(torch.uint8).flatten(-2)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: uint8 ``(..., d * bits / 8)`` → int32 codes ``(..., d)``."""
     if bits == 8:
         return packed.to(torch.int32)
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> _shifts(bits, packed.device)) & ((1 << bits) - 1)
-    return codes.flatten(-2)
+    codes, nbytes = _word(bits)
+    words = packed.to(torch.int32)
+    if nbytes > 1:
+        words = (words.unflatten(-1, (-1, nbytes)) << _shifts(8, nbytes, packed.device)).sum(-1)
+    return ((words.unsqueeze(-1) >> _shifts(bits, codes, packed.device)) & ((1 << bits) - 1)).flatten(-2)
 
 
 def _half_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
@@ -89,8 +105,8 @@ class UniformCodec(Codec):
         group_size = min(32, dim) if group_size is None else group_size
         if not isinstance(group_size, int) or group_size < 1 or dim % group_size:
             raise ValueError(f"UniformCodec: group_size={group_size!r} must be a positive int dividing dim={dim}")
-        if dim % (8 // bits):
-            raise ValueError(f"UniformCodec: dim={dim} must be a multiple of {8 // bits} "
+        if dim % _word(bits)[0]:
+            raise ValueError(f"UniformCodec: dim={dim} must be a multiple of {_word(bits)[0]} "
                              f"to pack {bits}-bit codes into whole bytes")
         self.name = f"int{bits}"
         self.bits = bits
