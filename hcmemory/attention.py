@@ -81,7 +81,7 @@ def attend(layer: LayerView, query: torch.Tensor, scaling: float, window: int | 
     grouped = query[0].view(heads, groups, chunk, dim)
     # explicit score matrices are bounded by query blocks; SDPA needs none, and each block reads the
     # rows again (across the bus, for a chunk computed next to the model)
-    explicit_scores = not layer.config.rescore or layer.observes_attention
+    explicit_scores = layer.observes_attention or (not layer.config.rescore and _step_top_p(layer.config, chunk) < 1.0)
     block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer))) if explicit_scores else chunk
     outs = []
     for start in range(0, chunk, block):
@@ -173,14 +173,19 @@ def _causal_bias(chunk: int, n: int, device: torch.device, dtype: torch.dtype, f
     return bias
 
 
+def _step_top_p(config: HCConfig, chunk: int) -> float:
+    """The top-p of a step of ``chunk`` queries: ``prefill_top_p`` for prefill-sized steps, if set."""
+    return config.top_p if chunk <= config.selection_queries or config.prefill_top_p is None else config.prefill_top_p
+
+
 def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chunk: int, scaling: float,
                   window: int | None) -> torch.Tensor:
     """One block of ``rows`` queries (stacked over the group: ``(heads, groups * rows, dim)``).
 
     Columns are the selected compressed rows followed by the exact rows (sinks, recent window,
     the chunk); one softmax spans both, so the kept probabilities are renormalised over exactly
-    what was read.  When every score is exact and no policy needs the probabilities, the fused
-    SDPA kernel computes it; otherwise the scores are formed explicitly.
+    what was read.  When nothing is selected and no policy needs the probabilities, the fused SDPA
+    kernel computes it; otherwise the scores are formed explicitly.
     """
     n = len(layer)
     sink_end, recent_start = layer.exact_window(n - chunk)
@@ -189,10 +194,9 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
     q_rows = q.to(where, torch.float32)
     approx_scores, index = None, None
     config = layer.config
-    top_p = config.top_p if chunk <= config.selection_queries or config.prefill_top_p is None \
-        else config.prefill_top_p
+    top_p = _step_top_p(config, chunk)
     exact_count = n  # columns read exactly; with a selection, the sinks, the recent window and the chunk
-    if recent_start > sink_end and (top_p < 1.0 or not config.rescore):
+    if recent_start > sink_end and top_p < 1.0:
         # compressed part: approximate scores select, exact scores weigh
         exact_count = sink_end + n - recent_start
         if config.rescore:  # scores only select: a sample of the chunk's queries is enough
@@ -226,7 +230,8 @@ def _attend_block(layer: LayerView, q: torch.Tensor, first: int, rows: int, chun
             approx_scores = approx if chosen is None else approx.gather(
                 -1, chosen[:, None, :].expand(-1, approx.shape[1], -1))
         values = layer.values_at(index)
-    else:  # every row is read exactly (uncompressed keys, or a selection keeping all): in place, in order
+    else:  # every row, in place and in order: exact, or (without re-scoring) as the codes decode, which is
+        # what the codes' scores compute (``Codec.score``), so SDPA's fused kernel can weigh them
         keys, values = layer.exact_rows(0, n)
     keys, values = keys.to(where), values.to(where)
     selected = 0 if index is None else index.shape[1] - exact_count

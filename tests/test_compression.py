@@ -77,6 +77,23 @@ def test_papers_way_is_exact_attention_over_dequantized_keys():
     assert not torch.allclose(got, exact, atol=1e-4), "16 centroids must visibly perturb the weights"
 
 
+@pytest.mark.parametrize("codec", ["vq", "int4"])
+def test_without_rescoring_a_prefill_chunk_attends_causally_over_the_decoded_keys(codec):
+    """kivi-style configs (``rescore=False``, ``top_p=1``) select nothing, so a chunk's attention is plain
+    causal attention over the keys as the codes decode — computed by SDPA, no explicit score matrix."""
+    config = HCConfig(key_codec=codec, value_codec="int4", vq_centroids=16, vq_subvector_dim=2, top_p=1.0,
+                      rescore=False, sink_tokens=4, recent_tokens=16)
+    layer, _, _ = filled_layer(config, n=200)
+    chunk = 40
+    layer.update(torch.randn(1, 2, chunk, 16), torch.randn(1, 2, chunk, 16))
+    query = torch.randn(1, 4, chunk, 16)
+    keys, values = (rows.repeat_interleave(2, dim=0) for rows in layer.exact_rows(0, len(layer)))
+    scores = query[0] @ keys.mT * 0.25
+    hidden = torch.arange(len(layer))[None, :] > torch.arange(len(layer) - chunk, len(layer))[:, None]
+    expected = (torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ values)[None]
+    assert_close(attend(layer, query, 0.25), expected, rel=1e-5)
+
+
 def test_top_p_selection_reads_fewer_rows_and_stays_close():
     config = HCConfig(key_codec="vq", vq_centroids=64, vq_subvector_dim=2, top_p=0.9, sink_tokens=4,
                       recent_tokens=16, **EXACT_HOST)
