@@ -282,8 +282,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # keys lost answers (multikey, multivalue, qa: gap +0.13/+0.14/+0.19); int4 residuals of the same
     # bytes: +0.044/+0.039/+0.011.  Groups of 64 instead of 32 (35 % instead of 38 % in total), on all
     # 102 eval questions: the same answers within the noise (+0.1 [-4.7, +5.0] points paired), NLL gap
-    # +0.036 vs +0.027.  Below that, at int4 caches' 31 %, both ways tried lose answers: int2 residuals
-    # (-12.3 points vs full) or 8-dim codes (-4.7), as docs/RESULTS.md shows.
+    # +0.036 vs +0.027.  Below that, at int4 caches' 31 %, every way tried loses: int2 residuals
+    # (-12.3 points vs full) or 8-dim codes (-4.7), as docs/RESULTS.md shows; int3 residuals or int3
+    # values nearly double the NLL gap on held-out 6K text (+0.090 / +0.079 vs +0.044, 8 questions).
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64},
     # classic policies in the same frame
