@@ -81,7 +81,8 @@ def attend(layer: LayerView, query: torch.Tensor, scaling: float, window: int | 
     grouped = query[0].view(heads, groups, chunk, dim)
     # explicit score matrices are bounded by query blocks; SDPA needs none, and each block reads the
     # rows again (across the bus, for a chunk computed next to the model)
-    explicit_scores = layer.observes_attention or (not layer.config.rescore and _step_top_p(layer.config, chunk) < 1.0)
+    config = layer.config
+    explicit_scores = layer.observes_attention or (not config.rescore and _step_top_p(config, chunk) < 1.0)
     block = max(1, _QUERY_BLOCK_BYTES // max(1, 4 * heads * groups * len(layer))) if explicit_scores else chunk
     outs = []
     for start in range(0, chunk, block):

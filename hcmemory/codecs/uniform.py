@@ -1,11 +1,11 @@
 """``int8`` / ``int4`` / ``int3`` / ``int2``: uniform scalar quantization into packed, fixed-width byte rows.
 
 Every row (one token of one head) becomes one uint8 row: the ``bits``-bit codes packed densely (``8 /
-bits`` to a byte; ``int3`` packs eight codes into three bytes), followed by each channel group's minimum
-and step as float16 bytes.  Keeping the
-per-group parameters inside the row is what lets the cache gather, append and evict rows without
-knowing the format, and makes ``nbytes`` of the stored rows the real footprint: int4 of a 64-dim
-row with groups of 32 is 32 code bytes + 2 × 4 parameter bytes = 40 bytes, against 128 in fp16.
+bits`` to a byte; ``int3`` packs eight codes into three bytes), followed by each channel group's
+minimum and step as float16 bytes.  Keeping the per-group parameters inside the row is what lets the
+cache gather, append and evict rows without knowing the format, and makes ``nbytes`` of the stored
+rows the real footprint: int4 of a 64-dim row with groups of 32 is 32 code bytes + 2 × 4 parameter
+bytes = 40 bytes, against 128 in fp16.
 
 The float16 parameters are rounded conservatively — the minimum down, the step up — so the
 representable interval always covers the group and every element decodes within half a step of
