@@ -84,7 +84,7 @@ class HCConfig:
     value_codec: str = "none"
     """How values are stored: ``none`` (model dtype), ``fp16``, ``bf16``, ``int8/4/2`` (per token)."""
     quant_group_size: int = 32
-    """Channels per quantization group of every ``int8/4/2`` codec (keys, re-scoring keys, values); each
+    """Channels per quantization group of every ``int8/4/3/2`` codec (keys, re-scoring keys, values); each
     group stores 4 bytes of min/step.  On a 64-dim head, int4 rows take 40 B with groups of 32 and 36 B
     with one group of 64 (``compact``: 38 % → 35 % of an fp16 cache in total, the same answers on the
     eval).  A head with fewer channels is one group; otherwise it must divide the head dimension."""

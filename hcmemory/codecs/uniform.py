@@ -105,8 +105,9 @@ class UniformCodec(Codec):
         group_size = min(32, dim) if group_size is None else group_size
         if not isinstance(group_size, int) or group_size < 1 or dim % group_size:
             raise ValueError(f"UniformCodec: group_size={group_size!r} must be a positive int dividing dim={dim}")
-        if dim % _word(bits)[0]:
-            raise ValueError(f"UniformCodec: dim={dim} must be a multiple of {_word(bits)[0]} "
+        per_word, _ = _word(bits)
+        if dim % per_word:
+            raise ValueError(f"UniformCodec: dim={dim} must be a multiple of {per_word} "
                              f"to pack {bits}-bit codes into whole bytes")
         self.name = f"int{bits}"
         self.bits = bits
