@@ -51,7 +51,7 @@ def _shape_name(config: HCConfig) -> str:
     keys = f"{c.key_codec}-s{c.vq_subvector_dim}-c{c.vq_centroids}-{c.vq_codebook}-i{c.kmeans_iters}" \
         if c.key_codec == "vq" else c.key_codec
     exact = (c.rescore_keys + ("-residual" if c.rescore_residual else "")) if c.rescore else "none"
-    return f"{keys}-x{exact}"
+    return f"{keys}-x{exact}" + ("-rot" if c.quant_rotation else "")  # rotating int codecs store their signs
 
 
 def codebook_path(model: torch.nn.Module, config: HCConfig) -> Path:

@@ -63,7 +63,7 @@ def approx_scores(codec: Codec, queries: torch.Tensor, codes: torch.Tensor, back
 
         if isinstance(codec, VQCodec):
             return triton_kernels.lut_scores(codec.lookup_table(queries), codes)
-        if isinstance(codec, UniformCodec):
+        if isinstance(codec, UniformCodec) and not (codec.rotated or codec.symmetric):
             shift, scale = codec.channel_stats(codes.device) if codec.axis == "channel" else (None, None)
             return triton_kernels.uniform_scores(queries, codes, codec.bits, codec.group_size, shift, scale)
     if chosen == "cpp" and isinstance(codec, VQCodec) and codec.table_pays(queries.shape[1]):

@@ -9,7 +9,7 @@ from hcmemory.codecs import CODEC_KINDS, IdentityCodec, UniformCodec, VQCodec, m
 from hcmemory.codecs import kmeans as kmeans_module
 from hcmemory.codecs import vq as vq_module
 from hcmemory.codecs.kmeans import assign, kmeans
-from hcmemory.codecs.uniform import pack_bits, unpack_bits
+from hcmemory.codecs.uniform import hadamard, pack_bits, unpack_bits
 
 HEADS, DIM = 3, 64
 
@@ -268,6 +268,67 @@ def test_uniform_channel_axis_needs_calibration_and_round_trips_state() -> None:
     single = UniformCodec(HEADS, DIM, bits=8, axis="channel")
     single.fit(keys[:, :1])
     assert torch.allclose(single.decode(single.encode(keys)), keys, atol=0.2)
+
+
+def test_hadamard_is_orthonormal_for_any_head_size() -> None:
+    for dim in (64, 128, 96, 80, 8):
+        h = hadamard(dim)
+        assert h.shape == (dim, dim) and torch.allclose(h @ h.T, torch.eye(dim), atol=1e-6)
+    assert set(hadamard(64).abs().unique().tolist()) == {1 / 8}  # one dense block: every channel mixed
+
+
+def _spiky_rows(n: int, seed: int) -> torch.Tensor:
+    """Rows whose large channel changes from token to token (per-token outliers channel statistics
+    cannot normalise away): each row's range is set by one channel."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(HEADS, n, DIM, generator=gen)
+    spike = torch.randint(0, DIM, (HEADS, n, 1), generator=gen)
+    return x.scatter_add(-1, spike, torch.full((HEADS, n, 1), 12.0))
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_rotated_rows_decode_within_half_a_step_and_spread_outliers(bits: int) -> None:
+    rows = _spiky_rows(300, seed=0)
+    plain = UniformCodec(HEADS, DIM, bits=bits, group_size=DIM)
+    rotated = UniformCodec(HEADS, DIM, bits=bits, group_size=DIM, rotate=True)
+    codes = rotated.encode(rows)
+    assert codes.shape == plain.encode(rows).shape  # the same bytes
+    step = _params(rotated, codes)[..., 1]  # (heads, n, 1): one group
+    # the rotation is orthonormal, so a row's error norm is at most √dim half-steps
+    assert torch.all((rotated.decode(codes) - rows).norm(dim=-1) <= step[..., 0] / 2 * DIM**0.5 * 1.001)
+    assert _sq_error(rotated.decode(codes), rows) < 0.5 * _sq_error(plain.decode(plain.encode(rows)), rows)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_symmetric_rows_keep_one_parameter_and_centre_their_levels(bits: int) -> None:
+    codec = UniformCodec(HEADS, DIM, bits=bits, group_size=32, symmetric=True)
+    rows = _rows(50, seed=3)
+    codes = codec.encode(rows)
+    assert codes.shape[-1] == UniformCodec(HEADS, DIM, bits=bits, group_size=32).width - 2 * 2
+    step = codes[..., codec.code_bytes:].contiguous().view(torch.float16).float()  # (heads, n, groups)
+    ideal = 2 * rows.view(HEADS, 50, 2, 32).abs().amax(-1) / (2**bits - 1)
+    assert torch.all((step >= ideal) & (step <= ideal * 1.002))
+    error = (codec.decode(codes) - rows).abs().view(HEADS, 50, 2, 32)
+    assert torch.all(error <= step.unsqueeze(-1) / 2 + 1e-6)
+    assert torch.equal(codec.decode(codec.encode(torch.zeros(HEADS, 2, DIM))), torch.zeros(HEADS, 2, DIM))
+
+
+def test_rotation_signs_travel_with_the_state() -> None:
+    codec = UniformCodec(HEADS, DIM, bits=4, axis="channel", rotate=True, symmetric=True)
+    keys = _outlier_keys(64, seed=0)
+    codec.fit(keys)
+    state = codec.state_dict()
+    assert set(state) == {"shift", "scale", "rotation_signs"} and set(state["rotation_signs"].tolist()) == {-1.0, 1.0}
+    codes = codec.encode(keys)
+    fresh = UniformCodec(HEADS, DIM, bits=4, axis="channel", rotate=True, symmetric=True)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.decode(codes), codec.decode(codes))
+    with pytest.raises(ValueError, match="lacks rotation signs"):
+        UniformCodec(HEADS, DIM, bits=4, rotate=True).load_state_dict({})
+    with pytest.raises(ValueError, match="does not rotate"):
+        UniformCodec(HEADS, DIM, bits=4).load_state_dict({"rotation_signs": state["rotation_signs"]})
+    with pytest.raises(ValueError, match="±1"):
+        UniformCodec(HEADS, DIM, bits=4, rotate=True).load_state_dict({"rotation_signs": torch.zeros(DIM)})
 
 
 def test_uniform_rejects_bad_arguments() -> None:

@@ -144,6 +144,27 @@ def test_quant_group_size_trades_host_bytes_for_precision_in_every_int_codec():
         filled_layer(HCConfig(**base, quant_group_size=12))
 
 
+def test_rotated_and_centred_int_rows_read_back_through_every_path():
+    """``quant_rotation`` and ``residual_symmetric`` change only how rows are coded: ranges and gathered rows
+    decode alike, rotated rows are as long, symmetric residual rows one float16 (2 B) shorter, and all stay
+    accurate."""
+    base = dict(key_codec="vq", vq_centroids=64, vq_subvector_dim=2, rescore_keys="int4", rescore_residual=True,
+                value_codec="int4", value_placement="host", sink_tokens=4, recent_tokens=16, quant_group_size=16)
+    host, errors = {}, {}
+    for rotate, symmetric in ((False, False), (True, False), (True, True)):
+        layer, keys, values = filled_layer(HCConfig(**base, quant_rotation=rotate, residual_symmetric=symmetric),
+                                           n=400)
+        got_keys, got_values = layer.exact_rows(0, len(layer))
+        index = torch.stack([torch.randperm(400)[:50] for _ in range(2)])
+        assert_close(layer.exact_keys_at(index), got_keys.gather(1, index[..., None].expand(-1, -1, 16)), rel=1e-6)
+        host[rotate, symmetric] = layer.host_bytes()
+        errors[rotate, symmetric] = [float(((got - want) ** 2).sum() / (want ** 2).sum())
+                                     for got, want in ((got_keys, keys), (got_values, values))]
+    assert host[True, False] - host[False, False] == 2 * 16 * 4, "the same rows; each codec keeps its 16 signs"
+    assert host[True, False] - host[True, True] == 2 * 400 * 2, "one float16 fewer per residual row"
+    assert all(e < 0.01 for pair in errors.values() for e in pair), errors
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rescored_model_logits_equal_full(family, residual):

@@ -79,6 +79,24 @@ def test_method_specs():
         parse_method("kvpress:Nope@0.1")
     with pytest.raises(ValueError, match="preset"):
         parse_method("hc-3")
+    assert parse_method("quanto-4").name == "quanto-4"
+    assert parse_method("quanto-2:q_group_size=32").group_size == 32
+    with pytest.raises(ValueError, match="q_group_size=N"):
+        parse_method("quanto-3")
+
+
+@pytest.mark.core
+def test_smaller_quanto_groups_store_more_bytes():
+    """A quanto cache with smaller groups is a peer's point further along the total-bytes axis."""
+    pytest.importorskip("optimum.quanto")
+    model = tiny_model("llama")
+    rec = record(model, torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(2)).tolist())
+
+    def stored(spec: str) -> int:
+        cache = parse_method(spec).build(model, rec)
+        return sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values())
+
+    assert stored("quanto-4:q_group_size=8") > stored("quanto-4") > stored("quanto-2")
 
 
 def test_full_method_is_a_plain_dynamic_cache_prefill():
@@ -220,7 +238,7 @@ def test_a_cell_stored_before_a_field_was_added_is_reused_only_at_that_fields_ol
     current = HCConfig.preset("hc-12.5").to_dict()
     stored = {k: v for k, v in current.items() if k not in ADDED_FIELDS}
     assert _same_identity(json.dumps(stored, sort_keys=True), json.dumps(current, sort_keys=True))
-    for field, value in (("rescore_residual", True), ("quant_group_size", 64)):
+    for field, value in (("rescore_residual", True), ("quant_group_size", 64), ("quant_rotation", True)):
         changed = {**current, field: value}
         assert not _same_identity(json.dumps(stored, sort_keys=True), json.dumps(changed, sort_keys=True))
     assert not _same_identity("kvpress:SnapKV@0.125", json.dumps(current)) and _same_identity("full", "full")

@@ -398,20 +398,23 @@ def test_an_inconsistent_checkpoint_is_refused(smollm2, tmp_path, case):
         HCContext.load(edited, model, tokenizer)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_an_older_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_path, version):
-    """Format 3 added ``rescore_residual`` and format 4 ``quant_group_size``; an older file lacks them
-    and ran with ``rescore_residual=False`` and groups of 32 — and rows of other groups do not fit it."""
+    """Format 3 added ``rescore_residual``, format 4 ``quant_group_size`` and format 5 ``residual_symmetric``
+    and ``quant_rotation``; an older file lacks them and ran with ``rescore_residual=False``, groups of 32
+    and plain rows — and rows of other groups do not fit it."""
     model, tokenizer = smollm2
 
     def as_older(header):
         header.update(format_version=version)
-        for field, added in (("rescore_residual", 3), ("quant_group_size", 4)):
+        for field, added in (("rescore_residual", 3), ("quant_group_size", 4), ("residual_symmetric", 5),
+                             ("quant_rotation", 5)):
             if added > version:
                 header["config"].pop(field)
 
     for group in (32, 64):
         ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, rescore_residual=False,
+                                                          residual_symmetric=False, quant_rotation=False,
                                                           quant_group_size=group))
         ctx.append(DOC)
         path = tmp_path / f"ctx-{group}.hcm"

@@ -83,6 +83,19 @@ def test_top_p_rows_choose_the_reference_rows(n, top_p, min_rows):
     assert (reached >= top_p * mass.sum(-1) - 1e-6).all()
 
 
+@pytest.mark.parametrize("rotate, symmetric", [(True, False), (False, True)])
+def test_rows_the_uniform_kernel_cannot_read_are_scored_by_decoding(rotate, symmetric):
+    """The Triton scorer knows plain min/step rows only; rotated or symmetric rows take the codec's own
+    path rather than being misread."""
+    torch.manual_seed(0)
+    codec = UniformCodec(2, 64, bits=4, axis="channel", rotate=rotate, symmetric=symmetric, device=DEVICE)
+    codec.fit(torch.randn(2, 300, 64, device=DEVICE) * 3 + 1)
+    codes = codec.encode(torch.randn(2, 40, 64, device=DEVICE) * 3 + 1)
+    q = torch.randn(2, 3, 64, device=DEVICE)
+    expected = q @ codec.decode(codes).transpose(-1, -2)
+    assert relative_error(approx_scores(codec, q, codes, backend="triton"), expected) < TOLERANCE[torch.float32]
+
+
 def test_auto_leaves_triton_to_cuda_tensors():
     codec = VQCodec(1, 8, subvector_dim=2, centroids=4, kmeans_iters=1)
     assert choose(torch.zeros(1, 4), "auto") in ("cpp", "torch")

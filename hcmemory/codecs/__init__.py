@@ -23,14 +23,15 @@ __all__ = ["CODEC_KINDS", "Codec", "IdentityCodec", "LayerCodecs", "UniformCodec
 
 def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = None, subvector_dim: int = 4,
                centroids: int = 4096, sharing: str = "layer", kmeans_iters: int = 12, axis: str = "token",
-               group_size: int | None = None, device: torch.device | str | None = None,
+               group_size: int | None = None, rotate: bool = False, symmetric: bool = False,
+               device: torch.device | str | None = None,
                nearest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Codec:
     """Build the codec a config names.
 
     ``none`` keeps rows in ``dtype`` (None: as given); ``fp16``/``bf16`` force that float type and
     ignore ``dtype``; ``vq`` uses the ``subvector_dim``/``centroids``/``sharing``/``kmeans_iters``
     knobs; ``int8/4/3/2`` quantize along ``axis`` (``token`` for values, ``channel`` for keys) in groups of
-    ``group_size`` channels (None: the codec's default).
+    ``group_size`` channels (None: the codec's default), ``rotate``-d and ``symmetric`` as ``UniformCodec`` says.
     Arguments a kind does not use are ignored, so callers can pass one set of knobs for every kind.
     ``device`` is where the codec keeps its own tensors (codebooks, channel statistics); ``nearest`` is
     the VQ codec's assignment kernel (None: the torch reference).
@@ -45,7 +46,8 @@ def make_codec(kind: str, heads: int, dim: int, *, dtype: torch.dtype | None = N
         return VQCodec(heads, dim, subvector_dim=subvector_dim, centroids=centroids, sharing=sharing,
                        kmeans_iters=kmeans_iters, device=device, nearest=nearest)
     if kind in ("int8", "int4", "int3", "int2"):
-        return UniformCodec(heads, dim, bits=int(kind[3:]), axis=axis, group_size=group_size, device=device)
+        return UniformCodec(heads, dim, bits=int(kind[3:]), axis=axis, group_size=group_size, rotate=rotate,
+                            symmetric=symmetric, device=device)
     raise ValueError(f"make_codec: kind={kind!r} is not valid; allowed values: {', '.join(map(repr, CODEC_KINDS))}")
 
 
@@ -82,12 +84,13 @@ def codecs_for(config: HCConfig, heads: int, dim: int, dtype: torch.dtype, model
     if dim % group:
         raise ValueError(f"HCConfig.quant_group_size={config.quant_group_size} does not divide this model's head "
                          f"dimension ({dim}); use a divisor of {dim}, e.g. {dim // 2} or {dim}")
+    rotate = config.quant_rotation
     keys = make_codec(config.key_codec, heads, dim, dtype=dtype, subvector_dim=config.vq_subvector_dim,
                       centroids=config.vq_centroids, sharing=config.vq_codebook, kmeans_iters=config.kmeans_iters,
-                      axis="channel", group_size=group, device=model_device, nearest=nearest)
-    exact = (make_codec(config.rescore_keys, heads, dim, dtype=dtype, axis="channel",
-                        group_size=group, device=host)
+                      axis="channel", group_size=group, rotate=rotate, device=model_device, nearest=nearest)
+    exact = (make_codec(config.rescore_keys, heads, dim, dtype=dtype, axis="channel", group_size=group,
+                        rotate=rotate, symmetric=config.residual_symmetric, device=host)
              if config.compressed_keys and config.rescore else None)
-    values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token", group_size=group,
+    values = make_codec(config.value_codec, heads, dim, dtype=dtype, axis="token", group_size=group, rotate=rotate,
                         device=host if config.value_placement == "host" else model_device)
     return LayerCodecs(keys, exact, values, config.rescore_residual)

@@ -4,7 +4,9 @@
 * any hcmemory preset, or ``preset:field=value,...`` for any ``HCConfig`` (the context is prefilled
   once in chunks; each question runs in a rolled-back overlay of the live state).
 * ``quanto-4`` / ``quanto-2`` — transformers' ``QuantizedCache`` with the optimum-quanto backend
-  (the one that installs on this CPU machine; HQQ needs a CUDA build of its kernels).
+  (the one that installs on this CPU machine; HQQ needs a CUDA build of its kernels), groups of 64;
+  ``quanto-4:q_group_size=32`` for smaller groups (more bytes: a peer's point above ours on the
+  total-bytes axis).
 * ``kvpress:<Press>@<ratio>`` — a kvpress press keeping ``ratio`` of a full fp16 cache's bytes next to
   the model (SnapKV, StreamingLLM, Knorm, ExpectedAttention, TOVA, ObservedAttention).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,15 +292,18 @@ class FullMethod(RecordedMethod):
 
 class QuantoMethod(RecordedMethod):
     rebuild_per_question = True
+    GROUP_SIZE = 64
+    """transformers' default ``q_group_size``."""
 
-    def __init__(self, bits: int) -> None:
-        self.bits, self.name = bits, f"quanto-{bits}"
+    def __init__(self, bits: int, group_size: int = GROUP_SIZE) -> None:
+        self.bits, self.group_size = bits, group_size
+        self.name = f"quanto-{bits}" + ("" if group_size == self.GROUP_SIZE else f":q_group_size={group_size}")
         self.spec = self.name
 
     def build(self, model, rec):
         from transformers import QuantizedCache
 
-        cache = QuantizedCache(backend="quanto", config=model.config, nbits=self.bits)
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=self.bits, q_group_size=self.group_size)
         for i, (k, v) in enumerate(zip(rec.keys, rec.values)):
             cache.update(k, v, i)
         return cache
@@ -342,11 +348,15 @@ def _attentions(module: torch.nn.Module, rec: Recording, index: int) -> torch.Te
 
 
 def parse_method(spec: str) -> Method:
-    """``full``, ``quanto-4``, ``kvpress:SnapKV@0.125``, a preset name, or ``preset:field=value,...``."""
+    """``full``, ``quanto-4[:q_group_size=N]``, ``kvpress:SnapKV@0.125``, a preset name, or ``preset:field=value,...``."""
     if spec == "full":
         return FullMethod()
-    if spec in ("quanto-4", "quanto-2"):
-        return QuantoMethod(int(spec[-1]))
+    quanto = re.fullmatch(r"quanto-([24])(?::q_group_size=([1-9][0-9]*))?", spec)
+    if quanto:
+        return QuantoMethod(int(quanto[1]), int(quanto[2] or QuantoMethod.GROUP_SIZE))
+    if spec.startswith("quanto"):
+        raise ValueError(f"unknown quantized cache {spec!r}: quanto-4 or quanto-2, optionally with "
+                         f":q_group_size=N (N dividing the head dimension)")
     if spec.startswith("kvpress:"):
         press, _, ratio = spec[len("kvpress:"):].partition("@")
         if press not in PRESSES:
