@@ -40,7 +40,7 @@ FORMAT_VERSION = 5
 unless ``config.ADDED_FIELDS`` says exactly what they lack — never today's defaults by accident.
 2: complete configs, per-layer ``calibrated``, ``exact_keys`` (was ``host_keys``), the user's
 ``metadata``.  3: ``HCConfig.rescore_residual``.  4: ``HCConfig.quant_group_size``.  5: ``HCConfig.residual_symmetric``
-and ``quant_rotation`` (a rotating codec's signs travel in its state)."""
+and ``quant_rotation`` (fitted rotating key codecs store their signs)."""
 OLDEST_READABLE = 2
 _FILE_METADATA_KEY = "hcmemory"
 _LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}

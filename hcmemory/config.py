@@ -95,7 +95,8 @@ class HCConfig:
     """Every ``int8/4/3/2`` row (keys, re-scoring keys, values) is quantized in a fixed orthogonal basis
     (Hadamard with random signs), where its large channels no longer set the whole group's range;
     dot products and weighted sums come out the same.  SmolLM2 int4 values: attention output error
-    0.078 → 0.050 (4K eval text); the signs are part of the codec's stored state."""
+    0.078 → 0.050 (2K and 4K eval text).  The signs are drawn from a generator seeded with the head
+    size, so every codec of a head size agrees; drawing them differently is a checkpoint format change."""
     value_placement: str = "device"
     """``host`` (CPU memory, where the weighted sum runs) or ``device`` (next to the model)."""
 

@@ -221,8 +221,8 @@ class UniformCodec(Codec):
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Channel axis: ``{"shift", "scale"}`` of shape ``(heads, dim)`` float32 once calibrated; a rotating
-        codec adds its ``rotation_signs`` ``(dim,)``, so stored rows always decode in the basis they were
-        encoded in."""
+        codec adds its ``rotation_signs`` ``(dim,)`` (seeded by ``dim``; kept with fitted state, so stored rows
+        always decode in the basis they were encoded in)."""
         state = {} if self._signs is None else {"rotation_signs": self._signs}
         if self._shift is None or self._scale is None:
             return state
