@@ -298,6 +298,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # +0.036 vs +0.027.  Below that, at int4 caches' 31 %, every way tried loses: int2 residuals
     # (-12.3 points vs full) or 8-dim codes (-4.7), as docs/RESULTS.md shows; int3 residuals or int3
     # values nearly double the NLL gap on held-out 6K text (+0.090 / +0.079 vs +0.044, 8 questions).
+    # Rotated rows (quant_rotation) with int3 values and centred int4 residuals (residual_symmetric)
+    # reach 30.8 %: on the grid (102 questions) -3.5 points and +0.004 nats/token vs compact, level with
+    # kivi-4 (+0.0 points, -0.092) and quanto int4 (-0.6, +0.007) at 31.3 %, so not made the preset; quanto int4 with groups of 32
+    # (37.5 %) is ahead of compact (+1.3 points, NLL gap -0.024): compact is on the int4 caches'
+    # total-bytes frontier, not above it.  Its lead is 6.5 % next to the model.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64},
     # classic policies in the same frame
