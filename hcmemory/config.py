@@ -88,9 +88,9 @@ class HCConfig:
     """How values are stored: ``none`` (model dtype), ``fp16``, ``bf16``, ``int8/4/2`` (per token)."""
     quant_group_size: int = 32
     """Channels per quantization group of every ``int8/4/3/2`` codec (keys, re-scoring keys, values); each
-    group stores 4 bytes of min/step.  On a 64-dim head, int4 rows take 40 B with groups of 32 and 36 B
-    with one group of 64 (``compact``: 38 % → 35 % of an fp16 cache in total, the same answers on the
-    eval).  A head with fewer channels is one group; otherwise it must divide the head dimension."""
+    group stores 4 bytes of min/step (a symmetric residual only the 2-byte step).  On a 64-dim head,
+    int4 rows take 40 B with groups of 32 and 36 B with one group of 64 (``compact``: 38 % → 35 % of an
+    fp16 cache in total, the same answers on the eval).  A head with fewer channels is one group; otherwise it must divide the head dimension."""
     quant_rotation: bool = False
     """Every ``int8/4/3/2`` row (keys, re-scoring keys, values) is quantized in a fixed orthogonal basis
     (Hadamard with random signs), where its large channels no longer set the whole group's range;
@@ -300,9 +300,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # values nearly double the NLL gap on held-out 6K text (+0.090 / +0.079 vs +0.044, 8 questions).
     # Rotated rows (quant_rotation) with int3 values and centred int4 residuals (residual_symmetric)
     # reach 30.8 %: on the grid (102 questions) -3.5 points and +0.004 nats/token vs compact, level with
-    # kivi-4 (+0.0 points, -0.092) and quanto int4 (-0.6, +0.007) at 31.3 %, so not made the preset; quanto int4 with groups of 32
-    # (37.5 %) is ahead of compact (+1.3 points, NLL gap -0.024): compact is on the int4 caches'
-    # total-bytes frontier, not above it.  Its lead is 6.5 % next to the model.
+    # kivi-4 (+0.0 points, -0.092) and quanto int4 (-0.6, +0.007) at 31.3 %, so not made the preset.
+    # quanto int4 with groups of 32 (37.5 %) is ahead of compact (+1.3 points, NLL gap -0.024):
+    # compact is on the int4 caches' total-bytes frontier, not above it; its lead is 6.5 % next to
+    # the model.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64},
     # classic policies in the same frame

@@ -348,7 +348,8 @@ def _attentions(module: torch.nn.Module, rec: Recording, index: int) -> torch.Te
 
 
 def parse_method(spec: str) -> Method:
-    """``full``, ``quanto-4[:q_group_size=N]``, ``kvpress:SnapKV@0.125``, a preset name, or ``preset:field=value,...``."""
+    """``full``, ``quanto-4[:q_group_size=N]``, ``kvpress:SnapKV@0.125``, a preset name, or
+    ``preset:field=value,...``."""
     if spec == "full":
         return FullMethod()
     quanto = re.fullmatch(r"quanto-([24])(?::q_group_size=([1-9][0-9]*))?", spec)
