@@ -35,12 +35,13 @@ from .models import model_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """Bumped whenever the stored layout changes.  A reader refuses newer versions, and older ones
 unless ``config.ADDED_FIELDS`` says exactly what they lack — never today's defaults by accident.
 2: complete configs, per-layer ``calibrated``, ``exact_keys`` (was ``host_keys``), the user's
 ``metadata``.  3: ``HCConfig.rescore_residual``.  4: ``HCConfig.quant_group_size``.
-5: ``HCConfig.residual_symmetric`` and ``quant_rotation`` (fitted rotating key codecs store their signs)."""
+5: ``HCConfig.residual_symmetric`` and ``quant_rotation`` (fitted rotating key codecs store their signs).
+6: ``HCConfig.full_precision_window`` (its copies are stored as ``window.*`` layer tensors)."""
 OLDEST_READABLE = 2
 _FILE_METADATA_KEY = "hcmemory"
 _LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}

@@ -121,7 +121,12 @@ class HCConfig:
     every exact key, for measuring how much selection loses to the codes' error alone."""
     sink_tokens: int = 4
     recent_tokens: int = 64
-    """First ``sink_tokens`` and last ``recent_tokens`` rows are always exact and never evicted."""
+    """First ``sink_tokens`` and last ``recent_tokens`` rows are always read exactly and never evicted."""
+    full_precision_window: bool = False
+    """Keep 16-bit copies of the rows read exactly (sinks, recent window, the chunk), so int values and
+    int re-scoring keys do not reach them: what KIVI and quanto's residual window do.  Costs
+    ``sink_tokens + recent_tokens`` rows per layer (the model's dtype, float16 for a float32 model),
+    beside the values."""
 
     # --- what is kept at all ----------------------------------------------------------------
     eviction: str = "none"
@@ -150,7 +155,7 @@ class HCConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < low or (high is not None and value > high):
                 _fail(name, value, f"expected an int in [{low}, {high}]" if high else f"expected an int >= {low}")
-        for name in ("rescore", "rescore_residual", "residual_symmetric", "quant_rotation"):
+        for name in ("rescore", "rescore_residual", "residual_symmetric", "quant_rotation", "full_precision_window"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
         if self.rescore_residual and not (self.rescore and self.compressed_keys):
@@ -238,7 +243,7 @@ class HCConfig:
 
 
 ADDED_FIELDS: dict[str, Any] = {"rescore_residual": False, "quant_group_size": 32, "residual_symmetric": False,
-                                "quant_rotation": False}
+                                "quant_rotation": False, "full_precision_window": False}
 """Fields added after configs were first stored (checkpoints, cached eval cells), each with the value
 that reproduces what a stored config written without it ran."""
 

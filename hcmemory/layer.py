@@ -5,7 +5,9 @@
   the rows a step selects and for the exact window (without re-scoring, as in the paper and
   KIVI, there is no exact copy and every score comes from the codes);
 * values, on the host or next to the model;
-* each row's absolute position, and its cumulative attention mass when a policy needs it.
+* each row's absolute position, and its cumulative attention mass when a policy needs it;
+* with ``full_precision_window``, full-precision copies of the rows the next step reads exactly
+  (``window.py``), which reads prefer to the stores' codes.
 
 Two lengths are kept apart: ``seen`` (tokens ever appended, which gives positions and is what
 ``get_seq_length`` reports to transformers) and ``len(layer)`` (rows kept, which attention spans).
@@ -41,6 +43,7 @@ from .eviction import EvictionPolicy, make_policy, rows_to_keep
 from .glue import hand_off
 from .kernels import approx_scores, nearest_impl
 from .rows import CodedRows, RowBuffer
+from .window import ExactWindow
 
 HOST = torch.device("cpu")
 
@@ -51,6 +54,7 @@ class _Transaction:
     seen: int
     counters: tuple[int, int, int]
     mass: RowBuffer | None
+    window: ExactWindow | None
     floor: int = 0
     """Rows at positions below this existed at ``begin`` and are still there unless logged in
     ``dropped``; ``seen`` at first, lowered by a crop (rows appended after it start at its point)."""
@@ -99,6 +103,10 @@ class HCLayer(CacheLayerMixin):
         self.positions = RowBuffer(1, (), torch.int64, HOST, growth)
         self.mass = RowBuffer(self.heads, (), torch.float32, self.value_device, growth) \
             if self.observes_attention else None
+        # 16-bit copies: a float32 model's rows in float16, as hc presets keep their re-scoring keys
+        copies = self.dtype if self.dtype.itemsize <= 2 else torch.float16
+        self.window = ExactWindow.empty(self.heads, self.dim, copies, self.value_device) \
+            if self.config.full_precision_window else None
         self.seen = self.selected_rows = self.selectable_rows = self.last_selected = 0
 
     # --- what the state is -------------------------------------------------------------------
@@ -153,6 +161,8 @@ class HCLayer(CacheLayerMixin):
         if self.mass is not None:
             pending.append((self.mass, torch.zeros(self.heads, n)))
         rows = len(self)
+        window = None if self.window is None else self.window.trimmed(
+            rows, self.config.sink_tokens, self.config.recent_tokens).appended(rows, keys, values)
         try:
             for store, codes in pending:  # the allocations: the only step that can fail
                 store.reserve(codes) if isinstance(store, CodedRows) else store.reserve(n)
@@ -163,6 +173,8 @@ class HCLayer(CacheLayerMixin):
                 store.truncate(rows)
             raise
         self.seen += n
+        if window is not None:
+            self.window = window
         if self._txn is None:
             self.calibrate_if_ready()
         self._returned = weakref.ref(key_states)
@@ -211,8 +223,11 @@ class HCLayer(CacheLayerMixin):
 
     def exact_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact keys and values of rows ``[start, stop)``, where the values live."""
-        keys = self._exact_keys(lambda store: store.decoded(start, stop))
-        return keys.to(self.value_device), self.values.decoded(start, stop)
+        keys = self._exact_keys(lambda store: store.decoded(start, stop)).to(self.value_device)
+        values = self.values.decoded(start, stop)
+        if self.window is not None:
+            keys, values = (self.window.over_range(t, start, part) for t, part in ((keys, "keys"), (values, "values")))
+        return keys, values
 
     def approx_scores(self, queries: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Approximate ``q·k`` for rows ``[start, stop)`` from the codes, next to the model."""
@@ -220,18 +235,21 @@ class HCLayer(CacheLayerMixin):
                              self.key_codes.codes(start, stop), self.config.kernel)
 
     def exact_keys_at(self, index: torch.Tensor) -> torch.Tensor:
-        return self._exact_keys(lambda store: store.gather_decoded(index.to(store.device))).to(self.value_device)
+        keys = self._exact_keys(lambda store: store.gather_decoded(index.to(store.device))).to(self.value_device)
+        return keys if self.window is None else self.window.over(keys, index, "keys")
 
     def values_at(self, index: torch.Tensor) -> torch.Tensor:
-        return self.values.gather_decoded(index)
+        values = self.values.gather_decoded(index)
+        return values if self.window is None else self.window.over(values, index, "values")
 
     def row_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole ``(heads, capacity, dim)`` buffers of the exact keys and of the values, when both keep
         plain float rows of one layout where the values live: a fused kernel reads the selected rows in
-        place.  None when either is quantized or holds residuals."""
+        place.  None when either is quantized or holds residuals, or when full-precision copies
+        stand in for some rows."""
         keys = self.exact_keys if self.exact_keys is not None else self.key_codes
         stores = (keys, self.values)
-        if self.codecs.residual or any(not isinstance(s.codec, IdentityCodec) or s.rows is None
+        if self.codecs.residual or self.window is not None or any(not isinstance(s.codec, IdentityCodec) or s.rows is None
                                        or s.device != self.value_device for s in stores):
             return None
         key_rows, value_rows = keys.rows.data, self.values.rows.data
@@ -257,6 +275,8 @@ class HCLayer(CacheLayerMixin):
             if int(positions[0]) <= self.seen - window:  # the next query sits at position `seen`
                 self._keep((positions > self.seen - window).nonzero().flatten())
         self._evict_if_needed()
+        if self.window is not None:  # the chunk's copies were for this step; the next reads fewer rows exactly
+            self.window = self.window.trimmed(len(self), self.config.sink_tokens, self.config.recent_tokens)
 
     def budget_rows(self) -> int | None:
         budget = self.config.budget
@@ -288,12 +308,14 @@ class HCLayer(CacheLayerMixin):
                 txn.dropped.append({name: store.take(rows) for name, store in self._stores().items()})
         for store in self._all_stores().values():
             store.keep(index)
+        if self.window is not None:
+            self.window = self.window.kept(index)
 
     # --- transactions ------------------------------------------------------------------------
     def begin(self) -> None:
         self._require_no_transaction("begin a transaction")
         self._txn = _Transaction(len(self), self.seen, (self.selected_rows, self.selectable_rows, self.last_selected),
-                                 None if self.mass is None else self.mass.fork(), floor=self.seen)
+                                 None if self.mass is None else self.mass.fork(), self.window, floor=self.seen)
 
     def commit(self) -> None:
         self._txn = None
@@ -317,6 +339,7 @@ class HCLayer(CacheLayerMixin):
                 store.replace(merged[name][:, order])
         if txn.mass is not None:
             self.mass = txn.mass
+        self.window = txn.window
         self.seen = txn.seen
         self.selected_rows, self.selectable_rows, self.last_selected = txn.counters
 
@@ -333,6 +356,8 @@ class HCLayer(CacheLayerMixin):
         else:
             for store in self._all_stores().values():
                 store.truncate(len(index))
+            if self.window is not None:
+                self.window = self.window.truncated(len(index))
         self.seen = tokens
 
     @property
@@ -383,20 +408,23 @@ class HCLayer(CacheLayerMixin):
 
     # --- bytes -------------------------------------------------------------------------------
     def device_bytes(self, reserved: bool = False) -> int:
-        """Next to the model: key codes and codebooks, and values when placed there."""
+        """Next to the model: key codes and codebooks, and values (with their window copies) when placed there."""
         total = self.key_codes.reserved_bytes() if reserved else self.key_codes.nbytes()
-        if self.config.value_placement == "device":
-            total += self.values.reserved_bytes() if reserved else self.values.nbytes()
-        return total
+        return total + (self._value_side_bytes(reserved) if self.config.value_placement == "device" else 0)
 
     def host_bytes(self, reserved: bool = False) -> int:
-        """Host memory: the exact key copy, values when offloaded, and (reserved only) bookkeeping."""
+        """Host memory: the exact key copy, values (and window copies) when offloaded, and (reserved only)
+        bookkeeping."""
         stores: list[CodedRows | RowBuffer] = [s for s in (self.exact_keys,) if s is not None]
-        if self.config.value_placement == "host":
-            stores.append(self.values)
         if reserved:
             stores += [self.positions] + ([self.mass] if self.mass is not None else [])
-        return sum(s.reserved_bytes() if reserved else s.nbytes() for s in stores)
+        total = sum(s.reserved_bytes() if reserved else s.nbytes() for s in stores)
+        return total + (self._value_side_bytes(reserved) if self.config.value_placement == "host" else 0)
+
+    def _value_side_bytes(self, reserved: bool) -> int:
+        """The values and the window's copies, which live beside them."""
+        values = self.values.reserved_bytes() if reserved else self.values.nbytes()
+        return values + (0 if self.window is None else self.window.nbytes())
 
 
 def query_length_of(query_length: int | torch.Tensor) -> int:

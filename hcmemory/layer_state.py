@@ -4,7 +4,7 @@
 configuration and refuses, naming the problem, anything that does not fit it: stores of different
 lengths, rows of another dtype or width than the codecs produce, positions out of order or beyond
 the tokens seen, VQ codes beyond the codebook, a compressed layer without its codebook, counters
-that contradict each other.  A checkpoint that loads is consistent, not just intact.
+that contradict each other, window copies of rows the next step does not read exactly.  A checkpoint that loads is consistent, not just intact.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from .codecs import VQCodec
 from .layer import HCLayer
 from .rows import CodedRows, RowBuffer
+from .window import ExactWindow
 
 
 def dump(layer: HCLayer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -32,6 +33,10 @@ def dump(layer: HCLayer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             codec = getattr(layer.codecs, name)
             for key, value in ({} if codec is None else codec.state_dict()).items():
                 tensors[f"codec.{name}.{key}"] = value.clone()
+    if layer.window is not None and len(layer.window):
+        window = layer.window
+        tensors |= {"window.rows": window.rows.clone(), "window.keys": window.keys.clone(),
+                    "window.values": window.values.clone()}
     meta = {"seen": layer.seen, "selected_rows": layer.selected_rows, "selectable_rows": layer.selectable_rows,
             "calibrated": layer.calibrated}
     return tensors, meta
@@ -59,6 +64,8 @@ def load(layer: HCLayer, tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     if layer.calibrated and needs_fit:
         expected |= {f"codec.{name}.{key}" for name in ("keys", "exact_keys")
                      for key in (getattr(layer.codecs, name).state_dict() if getattr(layer.codecs, name) else {})}
+    if layer.window is not None:
+        expected |= set(WINDOW_TENSORS)
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise ValueError(f"layer {layer.index}: unexpected tensors {unexpected}")
@@ -70,10 +77,39 @@ def load(layer: HCLayer, tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     for name, store in layer._all_stores().items():
         if rows[name] is not None:
             _check_rows(layer, name, store, rows[name], meta["seen"])
+    window = _window(layer, {k: v for k, v in tensors.items() if k.startswith("window.")}, n)
     for name, store in layer._all_stores().items():
         if rows[name] is not None:
             store.append_codes(rows[name]) if isinstance(store, CodedRows) else store.append(rows[name])
+    layer.window = window
     layer.seen, layer.selected_rows, layer.selectable_rows = meta["seen"], meta["selected_rows"], meta["selectable_rows"]
+
+
+WINDOW_TENSORS = ("window.rows", "window.keys", "window.values")
+
+
+def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> ExactWindow | None:
+    """The stored window copies, checked: the rows a step after this state reads exactly, and copies of
+    the layer's shape and dtype (none stored: the stores are read, as when it was saved without)."""
+    empty = layer.window
+    if empty is None or not tensors:
+        return empty
+    if set(tensors) != set(WINDOW_TENSORS):
+        raise ValueError(f"layer {layer.index}: window copies need all of {list(WINDOW_TENSORS)}, got {sorted(tensors)}")
+    rows, keys, values = (tensors[name] for name in WINDOW_TENSORS)
+    config = layer.config
+    if rows.dtype != torch.int64 or rows.dim() != 1 or bool((rows[1:] <= rows[:-1]).any()):
+        raise ValueError(f"layer {layer.index}: window rows must be increasing int64 row indices")
+    if len(rows) and not bool(((rows >= 0) & ((rows < min(config.sink_tokens, length))
+                                              | ((rows >= length - config.recent_tokens) & (rows < length)))).all()):
+        raise ValueError(f"layer {layer.index}: window copies of rows {rows.tolist()} are not among the first "
+                         f"{config.sink_tokens} and last {config.recent_tokens} of the {length} rows")
+    shape = (layer.heads, len(rows), layer.dim)
+    for name, t in (("keys", keys), ("values", values)):
+        if t.dtype != empty.keys.dtype or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"layer {layer.index}: window {name} are {t.dtype} {tuple(t.shape)}, expected finite "
+                             f"{empty.keys.dtype} {shape}")
+    return ExactWindow(rows, keys.to(empty.keys.device), values.to(empty.keys.device))
 
 
 def _check_rows(layer: HCLayer, name: str, store: CodedRows | RowBuffer, rows: torch.Tensor, seen: int) -> None:

@@ -165,6 +165,59 @@ def test_rotated_and_centred_int_rows_read_back_through_every_path():
     assert all(e < 0.01 for pair in errors.values() for e in pair), errors
 
 
+WINDOWED = dict(key_codec="vq", vq_centroids=16, vq_subvector_dim=2, rescore_keys="int4", rescore_residual=True,
+                value_codec="int4", sink_tokens=4, recent_tokens=16, full_precision_window=True)
+
+
+def test_full_precision_window_reads_the_rows_read_exactly_as_given_at_a_fixed_cost():
+    layer, keys, values = filled_layer(HCConfig(**WINDOWED))
+    half = lambda t: t.half().float()  # a float32 model's copies are float16
+    assert all(torch.equal(got, half(want)) for got, want in zip(layer.exact_rows(0, 120), (keys, values))), \
+        "the chunk being attended is read as the model gave it"
+    layer.after_attention(None)  # the step is over: the next one reads the sinks and the last 16 rows exactly
+    got_keys, got_values = layer.exact_rows(0, 120)
+    exact = torch.zeros(120, dtype=torch.bool)
+    exact[:4] = exact[104:] = True
+    keys, values = half(keys), half(values)
+    assert torch.equal(got_keys[:, exact], keys[:, exact]) and torch.equal(got_values[:, exact], values[:, exact])
+    assert bool(((got_values - values)[:, ~exact].abs().amax(dim=(0, 2)) > 0).all()), "the rest are int4 rows"
+    index = torch.stack([torch.randperm(120)[:60] for _ in range(2)])
+    pick = index[..., None].expand(-1, -1, 16)
+    assert torch.equal(layer.values_at(index), got_values.gather(1, pick))
+    assert torch.equal(layer.exact_keys_at(index), got_keys.gather(1, pick))
+    plain, _, _ = filled_layer(HCConfig(**{**WINDOWED, "full_precision_window": False}))
+    total = lambda layer: layer.host_bytes() + layer.device_bytes()
+    assert layer.device_bytes() - plain.device_bytes() == 20 * 2 * 16 * 2 * 2, "sinks + recent fp16 rows, beside values"
+    assert total(layer) - total(plain) == 20 * 2 * 16 * 2 * 2
+    key, value = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    layer.update(key, value)  # the next step reads the 16 rows before it and itself exactly
+    got_values = layer.exact_rows(0, 121)[1]
+    assert torch.equal(got_values[:, 120], half(value[0, :, 0])) and torch.equal(got_values[:, 104:120], values[:, 104:])
+    layer.after_attention(None)
+    assert not torch.equal(layer.exact_rows(104, 105)[1][:, 0], values[:, 104]), "row 104 left: read from its codes"
+
+
+def test_full_precision_window_makes_a_chunk_attend_to_itself_exactly():
+    """With int4 values and int4 residual keys, a single-chunk prefill is full attention up to float16
+    rounding when the chunk reads its own rows from the copies; later chunks stay closer to it too."""
+    model = tiny_model("llama")
+    ids = random_ids(300, model.config.vocab_size, seed=8)
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+    errors = {}
+    for window in (False, True):
+        config = HCConfig(**{**WINDOWED, "full_precision_window": window}, calibration="context",
+                          calibration_tokens=100, top_p=0.9, value_placement="host")
+        with torch.no_grad():
+            one_chunk = prefill(model, HCCache(model, config), ids, 300)
+            cache = HCCache(model, config)
+            chunked = torch.cat([prefill(model, cache, ids[:, i:i + 50], 50) for i in range(0, 300, 50)])
+        errors[window] = (float((one_chunk[0] - expected[-1]).abs().max()),
+                          float((chunked - expected[49::50]).abs().max()))
+    assert errors[True][0] < errors[False][0] / 10, errors
+    assert errors[True][1] < errors[False][1], errors
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rescored_model_logits_equal_full(family, residual):

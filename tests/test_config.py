@@ -11,7 +11,7 @@ BAD_FIELDS = [
     ("vq_centroids", 1), ("top_p", 0.0), ("top_p", 1.5), ("selection_queries", 0), ("selection_queries", True),
     ("recent_tokens", -1), ("chunk_size", 0), ("rescore", "yes"), ("rescore_keys", "int5"),
     ("rescore_residual", 1), ("rescore_residual", True),  # True with key_codec="none": nothing to refine
-    ("quant_group_size", 0), ("quant_group_size", 32.0), ("quant_rotation", "yes"),
+    ("quant_group_size", 0), ("quant_group_size", 32.0), ("quant_rotation", "yes"), ("full_precision_window", 1),
     ("residual_symmetric", True),  # without an int residual there is nothing to centre
 ]
 

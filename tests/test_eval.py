@@ -238,7 +238,8 @@ def test_a_cell_stored_before_a_field_was_added_is_reused_only_at_that_fields_ol
     current = HCConfig.preset("hc-12.5").to_dict()
     stored = {k: v for k, v in current.items() if k not in ADDED_FIELDS}
     assert _same_identity(json.dumps(stored, sort_keys=True), json.dumps(current, sort_keys=True))
-    for field, value in (("rescore_residual", True), ("quant_group_size", 64), ("quant_rotation", True)):
+    for field, value in (("rescore_residual", True), ("quant_group_size", 64), ("quant_rotation", True),
+                         ("full_precision_window", True)):
         changed = {**current, field: value}
         assert not _same_identity(json.dumps(stored, sort_keys=True), json.dumps(changed, sort_keys=True))
     assert not _same_identity("kvpress:SnapKV@0.125", json.dumps(current)) and _same_identity("full", "full")

@@ -307,6 +307,62 @@ def test_asking_a_bounded_context_leaves_it_exactly_as_it_was(smollm2):
     assert_unchanged(ctx, before)
 
 
+def _recorded_rows(monkeypatch) -> dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Every ``(key, value)`` each layer was given, by position (what the window's copies must hold)."""
+    given: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    update = HCLayer.update
+
+    def recording(self, keys, values, *args, **kwargs):
+        rows = given.setdefault(self.index, {})
+        for i in range(keys.shape[2]):
+            rows[self.seen + i] = (keys[0, :, i].clone(), values[0, :, i].clone())
+        return update(self, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(HCLayer, "update", recording)
+    return given
+
+
+def _assert_window_copies(cache: HCCache, given, expected_positions) -> None:
+    for layer in cache.layers:
+        window = layer.window
+        positions = layer.positions.view()[0][window.rows].tolist()
+        assert positions == expected_positions(layer), (layer.index, positions)
+        for j, position in enumerate(positions):
+            key, value = given[layer.index][position]
+            assert torch.equal(window.keys[:, j], key.half()) and torch.equal(window.values[:, j], value.half())
+
+
+def test_window_copies_follow_eviction_rollback_crop_and_forks(monkeypatch):
+    """``full_precision_window`` copies stay the sinks' and the last rows' own keys and values through
+    eviction (rows renumbered), a rolled-back transaction (exactly as before), a crop and a fork."""
+    model = tiny_model("llama")
+    config = HCConfig(key_codec="int4", value_codec="int4", calibration="context", calibration_tokens=64,
+                      eviction="h2o", budget=120, sink_tokens=4, recent_tokens=16, chunk_size=32, top_p=0.9,
+                      full_precision_window=True)
+    given = _recorded_rows(monkeypatch)
+    cache = HCCache(model, config)
+    with torch.no_grad():
+        prefill(model, cache, random_ids(300, model.config.vocab_size, seed=9), 32)
+    edges = lambda layer: [0, 1, 2, 3] + list(range(layer.seen - 16, layer.seen))
+    assert all(len(layer) < 300 for layer in cache.layers), "eviction must have run"
+    _assert_window_copies(cache, given, edges)
+
+    def state():
+        return [(layer.window, *layer.exact_rows(0, len(layer))) for layer in cache.layers]
+
+    before = state()
+    with torch.no_grad(), cache.transaction(commit=False):
+        prefill(model, cache, random_ids(40, model.config.vocab_size, seed=10), 32)
+    for (window, keys, values), (window_after, keys_after, values_after) in zip(before, state()):
+        assert window_after is window and torch.equal(keys_after, keys) and torch.equal(values_after, values)
+    twin = cache.fork()
+    with torch.no_grad():
+        prefill(model, twin, random_ids(20, model.config.vocab_size, seed=11), 32)
+    assert all(a is b for a, b in zip((s[0] for s in before), (layer.window for layer in cache.layers)))
+    cache.crop(290)
+    _assert_window_copies(cache, given, lambda layer: [0, 1, 2, 3] + list(range(284, 290)))
+
+
 def test_context_calibration_waits_for_committed_tokens(smollm2):
     model, tokenizer = smollm2
     config = HCConfig.preset("hc-12.5", calibration="context", calibration_tokens=200)
@@ -398,24 +454,48 @@ def test_an_inconsistent_checkpoint_is_refused(smollm2, tmp_path, case):
         HCContext.load(edited, model, tokenizer)
 
 
-@pytest.mark.parametrize("version", [2, 3, 4])
+WINDOW_DAMAGE = {
+    "a row the next step reads from its codes": lambda t: t["0.window.rows"].add_(-t["0.window.rows"][-1] // 2),
+    "copies of another dtype": lambda t: t.update({"1.window.keys": t["1.window.keys"].float()}),
+    "copies without their rows": lambda t: t.pop("2.window.rows"),
+}
+
+
+def test_window_copies_round_trip_and_inconsistent_ones_are_refused(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, full_precision_window=True))
+    ctx.append(DOC * 2)
+    path = tmp_path / "ctx.hcm"
+    ctx.save(path)
+    loaded = HCContext.load(path, model, tokenizer)
+    for a, b in zip(loaded.cache.layers, ctx.cache.layers):
+        assert len(a.window) == 4 + 64 and all(torch.equal(x, y) for x, y in zip(
+            (a.window.rows, a.window.keys, a.window.values), (b.window.rows, b.window.keys, b.window.values)))
+    torch.testing.assert_close(loaded.next_logits(PROBE), ctx.next_logits(PROBE), atol=1e-5, rtol=0)
+    for case, damage in WINDOW_DAMAGE.items():
+        with pytest.raises(CheckpointError, match="window"):
+            HCContext.load(_edit_file(path, tmp_path, None, damage), model, tokenizer)
+
+
+@pytest.mark.parametrize("version", [2, 3, 4, 5])
 def test_an_older_checkpoint_loads_with_the_configuration_it_ran(smollm2, tmp_path, version):
-    """Format 3 added ``rescore_residual``, format 4 ``quant_group_size`` and format 5 ``residual_symmetric``
-    and ``quant_rotation``; an older file lacks them and ran with ``rescore_residual=False``, groups of 32
-    and plain rows — and rows of other groups do not fit it."""
+    """Format 3 added ``rescore_residual``, format 4 ``quant_group_size``, format 5 ``residual_symmetric``
+    and ``quant_rotation``, format 6 ``full_precision_window``; an older file lacks them and ran with
+    ``rescore_residual=False``, groups of 32, plain rows and no window copies — and rows of other groups do
+    not fit it."""
     model, tokenizer = smollm2
 
     def as_older(header):
         header.update(format_version=version)
         for field, added in (("rescore_residual", 3), ("quant_group_size", 4), ("residual_symmetric", 5),
-                             ("quant_rotation", 5)):
+                             ("quant_rotation", 5), ("full_precision_window", 6)):
             if added > version:
                 header["config"].pop(field)
 
     for group in (32, 64):
         ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, rescore_residual=False,
                                                           residual_symmetric=False, quant_rotation=False,
-                                                          quant_group_size=group))
+                                                          full_precision_window=False, quant_group_size=group))
         ctx.append(DOC)
         path = tmp_path / f"ctx-{group}.hcm"
         ctx.save(path)
