@@ -6,7 +6,7 @@
   KIVI, there is no exact copy and every score comes from the codes);
 * values, on the host or next to the model;
 * each row's absolute position, and its cumulative attention mass when a policy needs it;
-* with ``full_precision_window``, full-precision copies of the rows the next step reads exactly
+* with ``full_precision_window``, 16-bit copies of the rows the next step reads exactly
   (``window.py``), which reads prefer to the stores' codes.
 
 Two lengths are kept apart: ``seen`` (tokens ever appended, which gives positions and is what
@@ -245,12 +245,13 @@ class HCLayer(CacheLayerMixin):
     def row_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole ``(heads, capacity, dim)`` buffers of the exact keys and of the values, when both keep
         plain float rows of one layout where the values live: a fused kernel reads the selected rows in
-        place.  None when either is quantized or holds residuals, or when full-precision copies
-        stand in for some rows."""
+        place.  None when either is quantized or holds residuals, or when window copies stand in
+        for some rows."""
         keys = self.exact_keys if self.exact_keys is not None else self.key_codes
         stores = (keys, self.values)
-        if self.codecs.residual or self.window is not None or any(not isinstance(s.codec, IdentityCodec) or s.rows is None
-                                       or s.device != self.value_device for s in stores):
+        if self.codecs.residual or self.window is not None or any(
+                not isinstance(s.codec, IdentityCodec) or s.rows is None or s.device != self.value_device
+                for s in stores):
             return None
         key_rows, value_rows = keys.rows.data, self.values.rows.data
         if key_rows.dtype != value_rows.dtype or key_rows.stride() != value_rows.stride() \

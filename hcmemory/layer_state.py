@@ -4,7 +4,8 @@
 configuration and refuses, naming the problem, anything that does not fit it: stores of different
 lengths, rows of another dtype or width than the codecs produce, positions out of order or beyond
 the tokens seen, VQ codes beyond the codebook, a compressed layer without its codebook, counters
-that contradict each other, window copies of rows the next step does not read exactly.  A checkpoint that loads is consistent, not just intact.
+that contradict each other, window copies of rows the next step does not read exactly.  A checkpoint
+that loads is consistent, not just intact.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> Ex
     if empty is None or not tensors:
         return empty
     if set(tensors) != set(WINDOW_TENSORS):
-        raise ValueError(f"layer {layer.index}: window copies need all of {list(WINDOW_TENSORS)}, got {sorted(tensors)}")
+        raise ValueError(f"layer {layer.index}: window copies need all of {list(WINDOW_TENSORS)}, "
+                         f"got {sorted(tensors)}")
     rows, keys, values = (tensors[name] for name in WINDOW_TENSORS)
     config = layer.config
     if rows.dtype != torch.int64 or rows.dim() != 1 or bool((rows[1:] <= rows[:-1]).any()):

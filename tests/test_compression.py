@@ -192,7 +192,8 @@ def test_full_precision_window_reads_the_rows_read_exactly_as_given_at_a_fixed_c
     key, value = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
     layer.update(key, value)  # the next step reads the 16 rows before it and itself exactly
     got_values = layer.exact_rows(0, 121)[1]
-    assert torch.equal(got_values[:, 120], half(value[0, :, 0])) and torch.equal(got_values[:, 104:120], values[:, 104:])
+    assert torch.equal(got_values[:, 120], half(value[0, :, 0]))
+    assert torch.equal(got_values[:, 104:120], values[:, 104:])
     layer.after_attention(None)
     assert not torch.equal(layer.exact_rows(104, 105)[1][:, 0], values[:, 104]), "row 104 left: read from its codes"
 
