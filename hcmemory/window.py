@@ -77,16 +77,20 @@ class ExactWindow:
     # --- reads -----------------------------------------------------------------------------------
     def over(self, read: torch.Tensor, index: torch.Tensor, part: str) -> torch.Tensor:
         """``read`` ``(heads, cols, dim)``, the stores' rows ``index`` (``(cols,)`` or ``(heads, cols)``),
-        with every row this window holds replaced by its copy of ``part`` (``keys`` or ``values``)."""
+        with every row this window holds replaced by its copy of ``part`` (``keys`` or ``values``).
+
+        ``read`` must be a fresh tensor (a gather's result): the copies are written into it, so a step
+        that selected thousands of rows pays for the few dozen it holds, not for another full pass."""
         if not len(self):
             return read
         rows = self.rows.to(index.device)
         index = index.expand(read.shape[0], -1)
         at = torch.searchsorted(rows, index).clamp_(max=len(rows) - 1)
-        held = rows[at] == index
-        copies = getattr(self, part).to(read.device)
-        picked = copies.gather(1, at.to(read.device)[..., None].expand(-1, -1, copies.shape[-1]))
-        return torch.where(held.to(read.device)[..., None], picked.to(read.dtype), read)
+        head, col = (rows[at] == index).nonzero(as_tuple=True)
+        copies = getattr(self, part)
+        picked = copies[head.to(copies.device), at[head, col].to(copies.device)]
+        read[head.to(read.device), col.to(read.device)] = picked.to(read.device, read.dtype)
+        return read
 
     def over_range(self, read: torch.Tensor, start: int, part: str) -> torch.Tensor:
         """``over`` for the contiguous rows ``[start, start + cols)``."""

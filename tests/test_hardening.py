@@ -463,7 +463,7 @@ WINDOW_DAMAGE = {
 
 def test_window_copies_round_trip_and_inconsistent_ones_are_refused(smollm2, tmp_path):
     model, tokenizer = smollm2
-    ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64, full_precision_window=True))
+    ctx = HCContext(model, tokenizer, HCConfig.preset("compact", vq_centroids=64))
     ctx.append(DOC * 2)
     path = tmp_path / "ctx.hcm"
     ctx.save(path)
