@@ -30,9 +30,8 @@ class ExactWindow:
 
     @classmethod
     def empty(cls, heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> "ExactWindow":
-        with torch.inference_mode(False):  # a later step outside inference mode must be able to read them
-            blank = torch.empty(heads, 0, dim, dtype=dtype, device=device)
-            return cls(torch.empty(0, dtype=torch.int64), blank, blank)
+        blank = torch.empty(heads, 0, dim, dtype=dtype, device=device)
+        return cls(torch.empty(0, dtype=torch.int64), blank, blank)
 
     def __len__(self) -> int:
         return self.rows.numel()
@@ -43,11 +42,10 @@ class ExactWindow:
     # --- changes: each returns a new window -------------------------------------------------------
     def appended(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> "ExactWindow":
         """With copies of ``keys``/``values`` ``(heads, n, dim)``, the rows from ``start`` on."""
-        like = self.keys
-        with torch.inference_mode(False):
-            return ExactWindow(torch.cat([self.rows, torch.arange(start, start + keys.shape[1])]),
-                               torch.cat([like, keys.to(like.device, like.dtype)], dim=1),
-                               torch.cat([self.values, values.to(like.device, like.dtype)], dim=1))
+        like = self.keys  # never written in place, so tensors made under inference mode serve any later step
+        return ExactWindow(torch.cat([self.rows, torch.arange(start, start + keys.shape[1])]),
+                           torch.cat([like, keys.to(like.device, like.dtype)], dim=1),
+                           torch.cat([self.values, values.to(like.device, like.dtype)], dim=1))
 
     def _where(self, keep: torch.Tensor, rows: torch.Tensor | None = None) -> "ExactWindow":
         if bool(keep.all()) and rows is None:
