@@ -1,4 +1,4 @@
-"""Full-precision copies of the rows a step reads exactly (``HCConfig.full_precision_window``).
+"""16-bit copies of the rows a step reads exactly (``HCConfig.full_precision_window``).
 
 The exact part of a step — the sinks, the recent window and the chunk itself — is otherwise read
 from the stores like any other row, so with int values or int re-scoring keys it is only as exact

@@ -472,7 +472,7 @@ def test_window_copies_round_trip_and_inconsistent_ones_are_refused(smollm2, tmp
         assert len(a.window) == 4 + 64 and all(torch.equal(x, y) for x, y in zip(
             (a.window.rows, a.window.keys, a.window.values), (b.window.rows, b.window.keys, b.window.values)))
     torch.testing.assert_close(loaded.next_logits(PROBE), ctx.next_logits(PROBE), atol=1e-5, rtol=0)
-    for case, damage in WINDOW_DAMAGE.items():
+    for damage in WINDOW_DAMAGE.values():
         with pytest.raises(CheckpointError, match="window"):
             HCContext.load(_edit_file(path, tmp_path, None, damage), model, tokenizer)
 
