@@ -161,6 +161,8 @@ class HCLayer(CacheLayerMixin):
         if self.mass is not None:
             pending.append((self.mass, torch.zeros(self.heads, n)))
         rows = len(self)
+        # trimmed again here (after_attention did it) for an update whose attention never ran: the
+        # copies must stay those of the rows this step reads exactly, or later reads would differ
         window = None if self.window is None else self.window.trimmed(
             rows, self.config.sink_tokens, self.config.recent_tokens).appended(rows, keys, values)
         try:

@@ -102,8 +102,7 @@ def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> Ex
     config = layer.config
     if rows.dtype != torch.int64 or rows.dim() != 1 or bool((rows[1:] <= rows[:-1]).any()):
         raise ValueError(f"layer {layer.index}: window rows must be increasing int64 row indices")
-    if len(rows) and not bool(((rows >= 0) & ((rows < min(config.sink_tokens, length))
-                                              | ((rows >= length - config.recent_tokens) & (rows < length)))).all()):
+    if not bool(ExactWindow.read_exactly(rows, length, config.sink_tokens, config.recent_tokens).all()):
         raise ValueError(f"layer {layer.index}: window copies of rows {rows.tolist()} are not among the first "
                          f"{config.sink_tokens} and last {config.recent_tokens} of the {length} rows")
     shape = (layer.heads, len(rows), layer.dim)

@@ -55,11 +55,15 @@ class ExactWindow:
         return ExactWindow(self.rows[keep] if rows is None else rows[keep], self.keys.index_select(1, index),
                            self.values.index_select(1, index))
 
+    @staticmethod
+    def read_exactly(rows: torch.Tensor, length: int, sinks: int, recent: int) -> torch.Tensor:
+        """Which of ``rows`` the next step over ``length`` rows reads exactly: its first ``sinks`` and
+        last ``recent`` rows (``HCLayer.exact_window``)."""
+        return (rows >= 0) & ((rows < min(sinks, length)) | ((rows >= length - recent) & (rows < length)))
+
     def trimmed(self, length: int, sinks: int, recent: int) -> "ExactWindow":
-        """Only what the next step over ``length`` rows reads exactly: its first ``sinks`` and last
-        ``recent`` rows (``HCLayer.exact_window``)."""
-        rows = self.rows
-        return self._where((rows < min(sinks, length)) | ((rows >= length - recent) & (rows < length)))
+        """Only the copies of the rows the next step over ``length`` rows reads exactly."""
+        return self._where(self.read_exactly(self.rows, length, sinks, recent))
 
     def truncated(self, length: int) -> "ExactWindow":
         return self._where(self.rows < length)
