@@ -321,6 +321,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # classic policies in the same frame
     "streaming": {"eviction": "streaming", "budget": 1024},
     "h2o": {"eviction": "h2o", "budget": 0.25},
-    "kivi-4": {"key_codec": "int4", "value_codec": "int4", "rescore": False},
-    "kivi-2": {"key_codec": "int2", "value_codec": "int2", "rescore": False},
+    # KIVI: int keys scored directly and int values, with its newest tokens (here the sinks, the last 64
+    # rows and the chunk being prefilled) in full precision.  Keys are quantized per token after a
+    # per-channel normalisation, not in KIVI's per-channel groups along the tokens.
+    "kivi-4": {"key_codec": "int4", "value_codec": "int4", "rescore": False, "full_precision_window": True},
+    "kivi-2": {"key_codec": "int2", "value_codec": "int2", "rescore": False, "full_precision_window": True},
 }

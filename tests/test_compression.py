@@ -198,17 +198,22 @@ def test_full_precision_window_reads_the_rows_read_exactly_as_given_at_a_fixed_c
     assert not torch.equal(layer.exact_rows(104, 105)[1][:, 0], values[:, 104]), "row 104 left: read from its codes"
 
 
-def test_full_precision_window_makes_a_chunk_attend_to_itself_exactly():
-    """With int4 values and int4 residual keys, a single-chunk prefill is full attention up to float16
-    rounding when the chunk reads its own rows from the copies; later chunks stay closer to it too."""
+KIVI_LIKE = dict(key_codec="int4", value_codec="int4", rescore=False, top_p=1.0, sink_tokens=4, recent_tokens=16)
+
+
+@pytest.mark.parametrize("layout", [{**WINDOWED, "top_p": 0.9}, KIVI_LIKE], ids=["residual-rescoring", "kivi"])
+def test_full_precision_window_makes_a_chunk_attend_to_itself_exactly(layout):
+    """With int4 values and int4 residual keys — or KIVI's int4 keys scored directly — a single-chunk
+    prefill is full attention up to float16 rounding when the chunk reads its own rows from the
+    copies; later chunks stay closer to it too."""
     model = tiny_model("llama")
     ids = random_ids(300, model.config.vocab_size, seed=8)
     with torch.no_grad():
         expected = model(ids).logits[0]
     errors = {}
     for window in (False, True):
-        config = HCConfig(**{**WINDOWED, "full_precision_window": window}, calibration="context",
-                          calibration_tokens=100, top_p=0.9, value_placement="host")
+        config = HCConfig(**{**layout, "full_precision_window": window}, calibration="context",
+                          calibration_tokens=100, value_placement="host")
         with torch.no_grad():
             one_chunk = prefill(model, HCCache(model, config), ids, 300)
             cache = HCCache(model, config)
@@ -344,7 +349,8 @@ def test_kivi_codes_shrink_the_bytes():
     ids = random_ids(200, model.config.vocab_size)
     sizes = {}
     for preset in ("full", "kivi-4", "kivi-2"):
-        cache = HCCache(model, HCConfig.preset(preset, calibration="context", calibration_tokens=32))
+        cache = HCCache(model, HCConfig.preset(preset, calibration="context", calibration_tokens=32,
+                                               full_precision_window=False))  # the codes alone
         prefill(model, cache, ids)
         sizes[preset] = cache.stats().device_bytes + cache.stats().host_bytes
     assert sizes["kivi-4"] < sizes["full"] / 4 and sizes["kivi-2"] < sizes["kivi-4"] * 0.7
