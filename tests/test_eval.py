@@ -250,3 +250,11 @@ def test_cases_run_round_robin_over_tasks_and_lengths():
 
     groups = [["s0", "s1", "s2"], ["m0"], ["q0", "q1"]]
     assert _interleaved(groups) == ["s0", "m0", "q0", "s1", "q1", "s2"]
+
+
+def test_plots_name_presets_and_peers_and_leave_ablations_unnamed():
+    named = ["full", "compact", "hc-12.5-bounded", "streaming:budget=0.0625", "quanto-4:q_group_size=32",
+             "kvpress:SnapKV@0.4", "quanto-2"]
+    variants = ["compact:top_p=0.95", "kivi-4:full_precision_window=false", "h2o:budget=0.1,eviction=mean"]
+    assert not any(map(report_module.is_variant, named))
+    assert all(map(report_module.is_variant, variants))

@@ -245,6 +245,16 @@ def markdown_deltas(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def is_variant(method: str) -> bool:
+    """A preset with fields changed other than its ``budget`` (an ablation, e.g. ``compact:top_p=0.95``),
+    as opposed to a preset, a peer (``quanto-4:q_group_size=32``, ``kvpress:SnapKV@0.4``) or a budget
+    point: the plots mark variants without names, or the labels of a dozen ablations bury the peers."""
+    name, _, fields = method.partition(":")
+    if not fields or name == "kvpress" or name.startswith("quanto"):
+        return False
+    return any(field.split("=")[0] != "budget" for field in fields.split(","))
+
+
 def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) -> list[Path]:
     """PNG plots next to the results; none (with a log line) when matplotlib is not installed."""
     try:
@@ -260,10 +270,16 @@ def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) ->
     for axis, label in (("device_ratio", "bytes next to the model"), ("total_ratio", "bytes in total")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in overall:
+            if is_variant(r["method"]):
+                ax.plot(r[axis], 100 * r["accuracy"], "o", color="0.75", markersize=4, zorder=1)
+                continue
             ax.errorbar(r[axis], 100 * r["accuracy"], yerr=[[100 * (r["accuracy"] - r["ci_low"])],
                                                              [100 * (r["ci_high"] - r["accuracy"])]], fmt="o", capsize=3)
             ax.annotate(r["method"], (r[axis], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
+        if any(is_variant(r["method"]) for r in overall):
+            ax.plot([], [], "o", color="0.75", markersize=4, label="variants of the presets (in the tables)")
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_xscale("log")
         ax.set_xlabel(f"{label}, share of a full fp16 cache (log)")
         ax.set_ylabel("task-average accuracy (%)")
@@ -275,7 +291,7 @@ def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) ->
         written.append(path)
     written.append(_heatmaps(cells, out, plt))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in sorted({r["method"] for r in rows}):
+    for method in sorted({r["method"] for r in rows if not is_variant(r["method"])}):
         points = sorted((r["length"], r["tokens_per_s"]) for r in rows if r["method"] == method and r["length"])
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     ax.set_xlabel("context tokens")
