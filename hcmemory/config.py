@@ -312,15 +312,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # values nearly double the NLL gap on held-out 6K text (+0.090 / +0.079 vs +0.044, 8 questions).
     # Rotated rows (quant_rotation) with int3 values and centred int4 residuals (residual_symmetric)
     # reach 30.8 %: on the grid (102 questions) -3.5 points and +0.004 nats/token vs compact, level with
-    # kivi-4 (+0.0 points, -0.092) and quanto int4 (-0.6, +0.007) at 31.3 %, so not made the preset.
+    # kivi-4 without its residual (+0.0 points, -0.092) and quanto int4 (-0.6, +0.007) at 31.3 %, so
+    # not made the preset.
     # quanto int4 with groups of 32 (37.5 %) was ahead of that compact (+1.3 points, NLL gap -0.024).
     # 16-bit copies of the rows read exactly (full_precision_window: the chunk, the sinks and the recent
     # window no longer read int4 rows) cut the NLL gap 0.036 -> 0.010 (paired -0.026 [-0.033, -0.019]
     # nats/token over 102 questions; accuracy +0.7 [-2.9, +4.5] points) for 38 / 36 / 35 % in total at
     # 2K / 4K / 7.5K: level with quanto int4 in groups of 32 at 37.5 % (-0.6 [-5.3, +3.8] points,
-    # -0.002 [-0.007, +0.004] nats), ahead of quanto int4 and kivi-4 at 31 % on the NLL gap (-0.023,
-    # -0.123).  Rotated rows on top changed nothing measurable (-2.7 [-8.1, +2.3] points, +0.001
-    # [-0.003, +0.004] nats) for a transform on every read, so they stay off.  With the copies, rotated
+    # -0.002 [-0.007, +0.004] nats), ahead of quanto int4 at 31 % and of kivi-4 with its full-precision
+    # residual at 33 % on the NLL gap (-0.023, -0.009; the kivi-4 without it: -0.123).  Rotated rows on
+    # top changed nothing measurable (-2.7 [-8.1, +2.3] points, +0.001 [-0.003, +0.004] nats) for a
+    # transform on every read, so they stay off.  With the copies, rotated
     # rows with int3 values and centred int3 key residuals (29.6 %) are level with quanto int4 at 31.3 %
     # (65 questions: +0.5 points, -0.000 nats) and behind compact (-4.6, +0.018): not a preset.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
