@@ -324,7 +324,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # top changed nothing measurable (-2.7 [-8.1, +2.3] points, +0.001 [-0.003, +0.004] nats) for a
     # transform on every read, so they stay off.  With the copies, rotated
     # rows with int3 values and centred int3 key residuals (29.6 %) are level with quanto int4 at 31.3 %
-    # (65 questions: +0.5 points, -0.000 nats) and behind compact (-4.6, +0.018): not a preset.
+    # (102 questions: +0.7 points, -0.000 nats), behind kivi-4 with its residual at 33.2 % on the NLL gap
+    # (+0.014) and behind compact (-2.9, +0.023): not a preset.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64, "full_precision_window": True},
     # classic policies in the same frame
