@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import PRESETS
+
 log = logging.getLogger(__name__)
 BOOTSTRAP = 2000
 REFERENCE = "full"
@@ -246,13 +248,12 @@ def markdown_deltas(rows: list[dict[str, Any]]) -> str:
 
 
 def is_variant(method: str) -> bool:
-    """A preset with fields changed other than its ``budget`` (an ablation, e.g. ``compact:top_p=0.95``),
-    as opposed to a preset, a peer (``quanto-4:q_group_size=32``, ``kvpress:SnapKV@0.4``) or a budget
-    point: the plots mark variants without names, or the labels of a dozen ablations bury the peers."""
+    """One of our presets with fields changed other than its ``budget`` (an ablation, e.g.
+    ``compact:top_p=0.95``), as opposed to a preset, a peer (``quanto-4:q_group_size=32``,
+    ``kvpress:SnapKV@0.4``) or a budget point: the plots mark variants without names, or the labels
+    of a dozen ablations bury the peers."""
     name, _, fields = method.partition(":")
-    if not fields or name == "kvpress" or name.startswith("quanto"):
-        return False
-    return any(field.split("=")[0] != "budget" for field in fields.split(","))
+    return name in PRESETS and any(field.split("=")[0] != "budget" for field in fields.split(",") if field)
 
 
 def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) -> list[Path]:
