@@ -140,11 +140,14 @@ class HCConfig:
     the CPU where they build, torch elsewhere), or forced: ``torch`` (the reference), ``cpp`` or
     ``triton`` (on the CPU only under ``TRITON_INTERPRET=1``, for tests)."""
     chunk_size: int = 1024
-    """Tokens a prefill step feeds at once; it bounds the 16-bit memory a step needs.  Each chunk reads
-    the earlier chunks through their compressed rows, so with int rows a larger chunk is closer to full
-    attention: ``compact`` prefilling 6K tokens as one chunk instead of six, NLL gap per answer token
-    0.021 → 0.013 (multikey) and 0.011 → 0.009 (multivalue), the regime a quantized cache's one-shot
-    prefill runs in."""
+    """Tokens a prefill step feeds at once; it bounds the 16-bit memory a step needs (the chunk's
+    activations, keys and values).  Each chunk reads the earlier chunks through their compressed rows,
+    which one chunk of the whole document would read at 16 bits — but measured, that costs ``compact``
+    nothing: prefilling each grid document as one chunk instead of 1,024-token chunks changed its NLL
+    gap per answer token by +0.002 [-0.000, +0.004] and its accuracy by +0.4 [-3.3, +4.7] points
+    (102 eval questions, 2K-7.5K; a 6K held-out screen of 9 questions had suggested 0.021 → 0.013 on
+    multikey).  The ``kivi-*`` presets prefill 8,192 tokens a step: KIVI's own prefill is one
+    full-precision pass, and a peer is compared in its own regime."""
     store_growth: int = 256
     """Row buffers grow by at least this many rows (amortized, never whole-cache copies per step)."""
 
@@ -319,13 +322,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # window no longer read int4 rows) cut the NLL gap 0.036 -> 0.010 (paired -0.026 [-0.033, -0.019]
     # nats/token over 102 questions; accuracy +0.7 [-2.9, +4.5] points) for 38 / 36 / 35 % in total at
     # 2K / 4K / 7.5K: level with quanto int4 in groups of 32 at 37.5 % (-0.6 [-5.3, +3.8] points,
-    # -0.002 [-0.007, +0.004] nats), ahead of quanto int4 at 31 % and of kivi-4 with its full-precision
-    # residual at 33 % on the NLL gap (-0.023, -0.009; the kivi-4 without it: -0.123).  Rotated rows on
+    # -0.002 [-0.007, +0.004] nats), ahead of quanto int4 at 31 % on the NLL gap (-0.023), level with the
+    # faithful kivi-4 at 33 % (one-pass prefill, full-precision residual: -0.2 [-5.5, +4.9] points, -0.007
+    # [-0.016, +0.001] nats; the kivi-4 without the residual: -0.123).  Rotated rows on
     # top changed nothing measurable (-2.7 [-8.1, +2.3] points, +0.001 [-0.003, +0.004] nats) for a
     # transform on every read, so they stay off.  With the copies, rotated
     # rows with int3 values and centred int3 key residuals (29.6 %) are level with quanto int4 at 31.3 %
-    # (102 questions: +0.7 points, -0.000 nats), behind kivi-4 with its residual at 33.2 % on the NLL gap
-    # (+0.014) and behind compact (-2.9, +0.023): not a preset.
+    # (102 questions: +0.7 points, -0.000 nats), behind the faithful kivi-4 at 33.2 % on the NLL gap
+    # (+0.016) and behind compact (-2.9, +0.023): not a preset.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64, "full_precision_window": True},
     # classic policies in the same frame
@@ -333,7 +337,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "h2o": {"eviction": "h2o", "budget": 0.25},
     # KIVI: int keys scored directly and int values, with its newest tokens (here the sinks, the last 64
     # rows and the chunk being prefilled) in full precision.  Keys are quantized per token after a
-    # per-channel normalisation, not in KIVI's per-channel groups along the tokens.
-    "kivi-4": {"key_codec": "int4", "value_codec": "int4", "rescore": False, "full_precision_window": True},
-    "kivi-2": {"key_codec": "int2", "value_codec": "int2", "rescore": False, "full_precision_window": True},
+    # per-channel normalisation, not in KIVI's per-channel groups along the tokens.  A document is
+    # prefilled 8,192 tokens a step (one step on the eval's documents), as KIVI's prefill is one pass.
+    "kivi-4": {"key_codec": "int4", "value_codec": "int4", "rescore": False, "full_precision_window": True,
+               "chunk_size": 8192},
+    "kivi-2": {"key_codec": "int2", "value_codec": "int2", "rescore": False, "full_precision_window": True,
+               "chunk_size": 8192},
 }
