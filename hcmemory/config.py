@@ -236,19 +236,27 @@ class HCConfig:
     def from_spec(cls, spec: str) -> "HCConfig":
         """``preset`` or ``preset:field=value,...`` (values as JSON where they parse, else strings): the
         command-line form the benchmarks and ``hcmemory eval`` take."""
-        name, _, fields = spec.partition(":")
-        overrides = {}
-        for item in filter(None, fields.split(",")):
-            key, _, raw = item.partition("=")
-            try:
-                overrides[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                overrides[key] = raw
+        name, overrides = parse_spec(spec)
         return cls.preset(name, **overrides)
 
     @staticmethod
     def presets() -> list[str]:
         return list(PRESETS)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``preset:field=value,...`` split into the preset's name and its overrides (values as JSON where
+    they parse, else strings), unvalidated: what ``HCConfig.from_spec`` builds and the eval report
+    classifies."""
+    name, _, fields = spec.partition(":")
+    overrides = {}
+    for item in filter(None, fields.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return name, overrides
 
 
 ADDED_FIELDS: dict[str, Any] = {"rescore_residual": False, "quant_group_size": 32, "residual_symmetric": False,
@@ -324,10 +332,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2K / 4K / 7.5K: level with quanto int4 in groups of 32 at 37.5 % (-0.6 [-5.3, +3.8] points,
     # -0.002 [-0.007, +0.004] nats), ahead of quanto int4 at 31 % on the NLL gap (-0.023), level with the
     # faithful kivi-4 at 33 % (one-pass prefill, full-precision residual: -0.2 [-5.5, +4.9] points, -0.007
-    # [-0.016, +0.001] nats; the kivi-4 without the residual: -0.123).  Rotated rows on
-    # top changed nothing measurable (-2.7 [-8.1, +2.3] points, +0.001 [-0.003, +0.004] nats) for a
-    # transform on every read, so they stay off.  With the copies, rotated
-    # rows with int3 values and centred int3 key residuals (29.6 %) are level with quanto int4 at 31.3 %
+    # [-0.016, +0.001] nats; the kivi-4 without the residual: -0.123).  Rotated rows on top changed
+    # nothing measurable (-2.7 [-8.1, +2.3] points, +0.001 [-0.003, +0.004] nats) for a transform on
+    # every read, so they stay off.  With the copies, rotated rows with int3 values and centred int3 key
+    # residuals (29.6 %) are level with quanto int4 at 31.3 %
     # (102 questions: +0.7 points, -0.000 nats), behind the faithful kivi-4 at 33.2 % on the NLL gap
     # (+0.016) and behind compact (-2.9, +0.023): not a preset.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS
+from ..config import PRESETS, parse_spec
 
 log = logging.getLogger(__name__)
 BOOTSTRAP = 2000
@@ -252,8 +252,8 @@ def is_variant(method: str) -> bool:
     ``compact:top_p=0.95``), as opposed to a preset, a peer (``quanto-4:q_group_size=32``,
     ``kvpress:SnapKV@0.4``) or a budget point: the plots mark variants without names, or the labels
     of a dozen ablations bury the peers."""
-    name, _, fields = method.partition(":")
-    return name in PRESETS and any(field.split("=")[0] != "budget" for field in fields.split(",") if field)
+    name, overrides = parse_spec(method)
+    return name in PRESETS and any(field != "budget" for field in overrides)
 
 
 def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) -> list[Path]:
