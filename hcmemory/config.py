@@ -338,9 +338,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # residuals (29.6 %) are level with quanto int4 at 31.3 %
     # (102 questions: +0.7 points, -0.000 nats), behind the faithful kivi-4 at 33.2 % on the NLL gap
     # (+0.016) and behind compact (-2.9, +0.023): not a preset.  At kivi-4's bytes without giving up int4
-    # values, centred int3 key residuals alone (32.8 %; stopped at 84 of the 102 questions) lost to compact
-    # by -5.9 [-13.1, +0.3] points and +0.031 [+0.021, +0.041] nats and to kivi-4 by +0.023 [+0.010,
-    # +0.036] nats: the re-scoring keys need their int4 residuals, and below compact's bytes nothing tried holds.
+    # values, centred int3 key residuals alone (32.7 %, 102 questions) lost to compact by -2.7 [-6.7, +0.5]
+    # points and +0.028 [+0.020, +0.037] nats and to kivi-4 by +0.021 [+0.010, +0.032] nats: the
+    # re-scoring keys need their int4 residuals, and below compact's bytes nothing tried holds.
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64, "full_precision_window": True},
     # classic policies in the same frame
