@@ -1,7 +1,7 @@
 """The GPU benchmark: a randomly initialised Llama-3-8B-shaped model (32 layers, 8 KV heads of 128, bf16;
 nothing downloaded) at 32K to 1M tokens of context.
 
-Two parts, each row written to ``benchmarks/results/NAME.json`` as soon as it is measured (a GPU lease is
+Two parts, each row written to ``benchmarks/results/NAME.json`` as soon as it is measured (GPU time is
 short; a crash or a deadline keeps what was done):
 
 1. **Kernels**, one layer of the 8B shape at every length: lookup-table scoring of VQ codes (Triton and
@@ -39,7 +39,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hcmemory import HCCache, HCConfig, cache_kwarg
 from hcmemory.codecs import UniformCodec, VQCodec
-from hcmemory.kernels import approx_scores, choose, top_p_impl
+from hcmemory.kernels.dispatch import approx_scores, choose, top_p_impl
 from hcmemory.prefill import prefill
 from hcmemory.selection import top_p_select
 
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="lengths of the kernel timings (default: --lengths; none: skip them)")
     parser.add_argument("--no-prefill", action="store_true", help="fill the first length directly too")
     parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds after which no end-to-end row starts or goes on filling (a lease is short)")
+                        help="seconds after which no end-to-end row starts or goes on filling (GPU time is short)")
     parser.add_argument("--name", default="gpu", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

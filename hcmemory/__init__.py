@@ -8,15 +8,19 @@ them on disk and in memory.
 
 import logging
 
-from .cache import CacheStats, HCCache
-from .checkpoint import CheckpointError
-from .config import HCConfig
-from .context import ContextStats, HCContext
-from .glue import cache_kwarg
-from .guard import ContextBusyError
-from .models import load_model, model_fingerprint, tokenizer_fingerprint
-from .pool import ContextPool
-from .store import CheckpointNotFoundError, ContextStore
+from . import folders
+
+folders.install()
+
+from .cache import CacheStats, HCCache  # noqa: E402
+from .checkpoint import CheckpointError  # noqa: E402
+from .config import HCConfig  # noqa: E402
+from .context import ContextStats, HCContext  # noqa: E402
+from .glue import cache_kwarg  # noqa: E402
+from .guard import ContextBusyError  # noqa: E402
+from .models import load_model, model_fingerprint, tokenizer_fingerprint  # noqa: E402
+from .pool import ContextPool  # noqa: E402
+from .store import CheckpointNotFoundError, ContextStore  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from .kernels import gather_attention_impl, top_p_impl
+from .kernels.dispatch import gather_attention_impl, top_p_impl
 from .selection import select_rows
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ from .codecs import IdentityCodec, LayerCodecs, codecs_for
 from .config import HCConfig
 from .eviction import EvictionPolicy, make_policy, rows_to_keep
 from .glue import hand_off
-from .kernels import approx_scores, nearest_impl
+from .kernels.dispatch import approx_scores, nearest_impl
 from .rows import CodedRows, RowBuffer
 from .window import ExactWindow
 

@@ -9,7 +9,8 @@ import torch
 from hcmemory import HCCache, HCConfig
 from hcmemory.prefill import prefill
 from hcmemory.codecs import VQCodec
-from hcmemory.kernels import approx_scores, choose, cpu_kernels, top_p_impl
+from hcmemory.kernels import cpu_kernels
+from hcmemory.kernels.dispatch import approx_scores, choose, top_p_impl
 from hcmemory.selection import top_p_select
 
 from .conftest import tiny_model

@@ -1,4 +1,4 @@
-"""hcmemory.kernels: the kernels of the method's hot steps, and the choice between them and the torch code.
+"""hcmemory.kernels.dispatch: the choice between the kernels of the method's hot steps and the torch code.
 
 The pure-torch implementations (``codecs``' ``score``, ``selection.top_p_select``) are the reference
 and the fallback.  ``triton_kernels`` holds the GPU versions of three hot steps (lookup-table scoring
@@ -10,9 +10,10 @@ installed; top-p keeps torch's there, see ``top_p_impl``), the C++ kernels on CP
 build) and torch elsewhere; ``torch``, ``triton`` and ``cpp`` force one (``triton`` on the CPU needs
 ``TRITON_INTERPRET=1``: slow, for correctness tests).
 
-This module imports nothing at import time but the standard library: with a checkout's root on
-``sys.path`` (pytest does that) it is also importable as a top-level ``kernels``, which transformers
-probes for (Hugging Face's kernel hub has that name) while transformers itself is still importing.
+``kernels/`` has no ``__init__.py`` on purpose: it ships as ``hcmemory.kernels`` (setuptools
+``package-dir``), and a folder without one never wins over an installed package of the same name when a
+checkout's root is on ``sys.path`` (``python -c``, ``python -m pytest``, a REPL): Hugging Face's kernel
+hub, which transformers imports, is called ``kernels`` too.
 """
 
 from __future__ import annotations
