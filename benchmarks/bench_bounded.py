@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                          "seconds": time.perf_counter() - start})
             print(f"  {stats.tokens_seen:>6} tokens: RSS {rows[-1]['rss_mb']:.0f} MB, "
                   f"{rows[-1]['rows_per_layer']} rows/layer", flush=True)
-            write_results("bounded", rows, preset=args.preset)  # partial curves survive a stop
+            write_results("bounded", rows, preset=args.preset)  # partial curves survive an interruption
     print_table(rows, list(rows[0]), f"RSS while streaming {args.tokens} tokens through {args.preset!r}")
     after_fill = [r["rss_mb"] for r in rows if r["tokens_seen"] >= 2 * 4096]
     growth = max(after_fill) - min(after_fill) if after_fill else float("nan")

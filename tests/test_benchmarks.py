@@ -1,4 +1,4 @@
-"""The benchmark scripts a GPU session runs must not rot between GPU sessions: they run end to end here
+"""The benchmark scripts a GPU run uses must not rot between GPU runs: they run end to end here
 at toy sizes (the numbers mean nothing; that they run and write their results does)."""
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One GPU lease, one call: the Triton kernels' tests compiled on the GPU, then the GPU benchmark.
+# The GPU checks in one call: the Triton kernels' tests compiled on the GPU, then the GPU benchmark.
 #
-#   benchmarks/gpu_session.sh OUTDIR [bench_gpu arguments...]
+#   benchmarks/gpu_benchmarks.sh OUTDIR [bench_gpu arguments...]
 #
-# Meant for a lent GPU machine that reaches no package registry: it runs on that machine's python3 and
+# Meant for a GPU machine that reaches no package registry: it runs on that machine's python3 and
 # its torch, transformers and triton.  hcmemory is installed from this checkout in editable mode with
 # no dependencies and no build isolation (setuptools maps kernels/ and integrations/ to subpackages, as
 # in any install); pure-Python dependencies the machine lacks are put on PYTHONPATH from $VENDOR
 # (default .gpu/, e.g. a copy of sqlitedict.py).  Everything it writes goes to OUTDIR.
 set -u
-out=${1:?usage: benchmarks/gpu_session.sh OUTDIR [bench_gpu arguments...]}
+out=${1:?usage: benchmarks/gpu_benchmarks.sh OUTDIR [bench_gpu arguments...]}
 shift
 mkdir -p "$out"
 export PYTHONPATH="$PWD/${VENDOR:-.gpu}" PYTHONUNBUFFERED=1 HCMEMORY_BENCH_RESULTS="$out"
@@ -18,7 +18,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 transformers.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$out/device.txt"
 if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1; then
   # no usable setuptools there: map the two folders by links instead (this changes the checkout, which on
-  # a lent machine is a disposable copy)
+  # such a machine is a disposable copy)
   echo "editable install failed ($(tail -1 "$out/install.log")); linking kernels/ and integrations/ instead"
   ln -sfn ../kernels hcmemory/kernels && ln -sfn ../integrations hcmemory/integrations
   export PYTHONPATH="$PWD:$PYTHONPATH"
