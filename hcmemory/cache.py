@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from .calibration import shipped_codec_states
-from .config import HCConfig, coerce_config
+from .config import HCConfig, coerce_config, is_int
 from .glue import ATTN_IMPLEMENTATION, attention_implementation, use_hcattention
 from . import layer_state
 from .layer import HCLayer, query_length_of
@@ -104,15 +104,15 @@ class HCCache(Cache):
                 "would attend over the current chunk only; HCCache needs 'hcattention' "
                 "(model.set_attn_implementation('hcattention'), or build the cache again)")
         if layer_idx == 0:
-            self._warn_past_window(key_states.shape[2])
+            self._warn_past_trained_length(key_states.shape[2])
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
-    def _warn_past_window(self, new_tokens: int) -> None:
+    def _warn_past_trained_length(self, new_tokens: int) -> None:
         if self._warned_positions or self.max_positions is None or self.seen + new_tokens <= self.max_positions:
             return
         self._warned_positions = True
         log.warning(
-            "this context passes the model's trained window (max_position_embeddings=%d): from here on quality "
+            "this context passes the model's trained length (max_position_embeddings=%d): from here on quality "
             "degrades as it would with a full cache. Keys are cached after RoPE, so no preset re-bases positions; "
             "bounded presets (hc-12.5-bounded, streaming, h2o) only keep memory and step time bounded. Keep "
             "contexts within the window or use a model trained for longer ones.", self.max_positions)
@@ -161,15 +161,24 @@ class HCCache(Cache):
 
     def crop(self, max_length: int) -> None:
         """Forget everything after the first ``max_length`` tokens (negative: drop that many from the
-        end), as transformers' caches do.  Exact for unbounded presets; a bounded one keeps its kept
-        rows below that position.  Inside a transaction a rollback brings the cropped rows back."""
-        if not isinstance(max_length, int) or isinstance(max_length, bool):
+        end), as transformers' caches do.  What stays is what the cache holds below that position,
+        which is what a cache given only those tokens holds up to ``exact_prefix`` (not beyond: a
+        bounded preset's evicted rows and a trimmed 16-bit copy do not come back; ``HCContext``
+        prefills again from there).  Inside a transaction a rollback brings the cropped rows back."""
+        if not is_int(max_length):
             raise TypeError(f"max_length must be an int, not {type(max_length).__name__}")
         tokens = self.seen + max_length if max_length < 0 else max_length
         if tokens < 0:
             raise ValueError(f"cannot drop {-max_length} tokens from a cache that has seen {self.seen}")
         for layer in self.layers:
             layer.crop(tokens)
+
+    def exact_prefix(self, tokens: int) -> int:
+        """The longest prefix of at most ``tokens`` tokens that ``crop`` keeps exactly as a cache given
+        only those tokens would hold them (``HCLayer.exact_prefix``): crop to it and prefill the rest
+        of a prompt, and the answer is that of a fresh prefill.  ``tokens`` itself for unbounded
+        presets without 16-bit copies; for the others it can be far shorter."""
+        return min(layer.exact_prefix(tokens) for layer in self.layers)
 
     def state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
         """Copies of all layers' tensors (keys prefixed ``"{layer}."``) and per-layer counters."""

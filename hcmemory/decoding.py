@@ -1,7 +1,7 @@
 """The decode loop: sample a token, feed it to the live cache, yield the text that formed.
 
-Text is yielded as soon as it is stable (no half-decoded UTF-8 character at its end) and cut at
-the first stop string, which may span several tokens.  The ids fed to the cache are the
+Text is yielded as soon as it is stable (no half-decoded UTF-8 character at its end, no end that
+could be the start of a stop string) and cut at the first stop string, which may span several tokens.  The ids fed to the cache are the
 generator's return value, so a caller that commits the turn knows exactly what the state holds.
 """
 
@@ -152,7 +152,8 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     device = next(model.parameters()).device
     generated: list[int] = []
-    emitted = ""
+    text = emitted = ""
+    reason = "length"
     for _ in range(sampling.max_new_tokens):
         if sampling.temperature == 0:
             token = int(logits.argmax(-1))
@@ -163,16 +164,36 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
         logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
                        **cache_kwarg(model, cache)).logits[:, -1]
         if token in stop_ids:
-            return generated, "stop"
+            reason = "stop"
+            break
         text = tokenizer.decode(generated, skip_special_tokens=True)
         hit = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
         if hit >= 0:
             if hit > len(emitted):
                 yield text[len(emitted):hit]
             return generated, "stop"
-        if len(text) > len(emitted) and not text.endswith("\ufffd"):
-            yield text[len(emitted):]
-            emitted = text
+        stable = len(text) - held_back(text, sampling.stop)
+        if stable > len(emitted) and not text[:stable].endswith("\ufffd"):
+            yield text[len(emitted):stable]
+            emitted = text[:stable]
         if deadline is not None and time.perf_counter() > deadline:
-            return generated, "timeout"
-    return generated, "length"
+            reason = "timeout"
+            break
+    rest = text[len(emitted):].removesuffix("\ufffd")  # no stop string completed: what was held back is answer
+    if rest:
+        yield rest
+    return generated, reason
+
+
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could still be the start of a stop string.
+
+    They are not shown until the next tokens decide: completed, the stop string and everything after
+    it is cut; not, they are ordinary answer text."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

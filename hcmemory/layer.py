@@ -2,7 +2,7 @@
 
 * key codes next to the model (the codec decides: full keys, VQ indices, packed ints);
 * when keys are compressed and re-scored, an exact copy of the keys on the host, read only for
-  the rows a step selects and for the exact window (without re-scoring, as in the paper and
+  the rows a step selects and for the sinks and recent rows (without re-scoring, as in the paper and
   KIVI, there is no exact copy and every score comes from the codes);
 * values, on the host or next to the model;
 * each row's absolute position, and its cumulative attention mass when a policy needs it;
@@ -43,7 +43,7 @@ from .eviction import EvictionPolicy, make_policy, rows_to_keep
 from .glue import hand_off
 from .kernels.dispatch import approx_scores, nearest_impl
 from .rows import CodedRows, RowBuffer
-from .window import ExactWindow
+from .window import ExactCopies
 
 HOST = torch.device("cpu")
 
@@ -54,7 +54,7 @@ class _Transaction:
     seen: int
     counters: tuple[int, int, int]
     mass: RowBuffer | None
-    window: ExactWindow | None
+    window: ExactCopies | None
     floor: int = 0
     """Rows at positions below this existed at ``begin`` and are still there unless logged in
     ``dropped``; ``seen`` at first, lowered by a crop (rows appended after it start at its point)."""
@@ -84,15 +84,18 @@ class HCLayer(CacheLayerMixin):
         self._reset_stores(self._fresh_codecs())
 
     def _fresh_codecs(self) -> LayerCodecs:
-        nearest = nearest_impl(torch.empty(0, device=self.device), self.config.kernel)
+        # only VQ keys are assigned to centroids: asking for the kernel elsewhere would build the C++
+        # kernels for a configuration that never runs them
+        nearest = nearest_impl(torch.empty(0, device=self.device), self.config.kernel) \
+            if self.config.key_codec == "vq" else None
         return codecs_for(self.config, self.heads, self.dim, self.dtype, self.device, HOST, nearest)
 
     def _reset_stores(self, codecs: LayerCodecs) -> None:
         """Empty stores for ``codecs``; key codes start exact when the codecs still need fitting."""
         growth = self.config.store_growth
-        # host rows stay pageable: page-locked, every geometric growth pinned a new block and torch kept the
-        # old ones (an H200 fill of 128K tokens took 134 s and held 67 GB pinned for 17 GB of rows), for
-        # transfers that are small on the decode path (indices, queries, outputs)
+        # host rows stay pageable: pinned, every geometric growth would pin a new block while torch's caching
+        # allocator keeps the old ones, to speed up transfers that are small on the decode path (indices,
+        # queries, outputs); docs/DESIGN-NOTES.md has the measurement
         self.codecs = codecs
         self.calibrated = not any(c is not None and c.needs_fit for c in (codecs.keys, codecs.exact_keys))
         key_codec = codecs.keys if self.calibrated else IdentityCodec(self.heads, self.dim, device=self.device)
@@ -105,14 +108,14 @@ class HCLayer(CacheLayerMixin):
             if self.observes_attention else None
         # 16-bit copies: a float32 model's rows in float16, as hc presets keep their re-scoring keys
         copies = self.dtype if self.dtype.itemsize <= 2 else torch.float16
-        self.window = ExactWindow.empty(self.heads, self.dim, copies, self.value_device) \
+        self.window = ExactCopies.empty(self.heads, self.dim, copies, self.value_device) \
             if self.config.full_precision_window else None
         self.seen = self.selected_rows = self.selectable_rows = self.last_selected = 0
 
     # --- what the state is -------------------------------------------------------------------
     @property
     def compressed(self) -> bool:
-        """Whether rows outside the exact window are read through approximate codes."""
+        """Whether rows other than the sinks and recent rows are read through approximate codes."""
         return self.calibrated and self.config.compressed_keys
 
     @property
@@ -163,7 +166,7 @@ class HCLayer(CacheLayerMixin):
         rows = len(self)
         # trimmed again here (after_attention did it) for an update whose attention never ran: the
         # copies must stay those of the rows this step reads exactly, or later reads would differ
-        window = None if self.window is None else self.window.trimmed(
+        copies = None if self.window is None else self.window.trimmed(
             rows, self.config.sink_tokens, self.config.recent_tokens).appended(rows, keys, values)
         try:
             for store, codes in pending:  # the allocations: the only step that can fail
@@ -175,8 +178,8 @@ class HCLayer(CacheLayerMixin):
                 store.truncate(rows)
             raise
         self.seen += n
-        if window is not None:
-            self.window = window
+        if copies is not None:
+            self.window = copies
         if self._txn is None:
             self.calibrate_if_ready()
         self._returned = weakref.ref(key_states)
@@ -247,7 +250,7 @@ class HCLayer(CacheLayerMixin):
     def row_buffers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The whole ``(heads, capacity, dim)`` buffers of the exact keys and of the values, when both keep
         plain float rows of one layout where the values live: a fused kernel reads the selected rows in
-        place.  None when either is quantized or holds residuals, or when window copies stand in
+        place.  None when either is quantized or holds residuals, or when 16-bit copies stand in
         for some rows."""
         keys = self.exact_keys if self.exact_keys is not None else self.key_codes
         stores = (keys, self.values)
@@ -269,14 +272,14 @@ class HCLayer(CacheLayerMixin):
     def observe(self, step_mass: torch.Tensor, queries: int) -> None:
         self.policy.accumulate(self.mass.writable(), step_mass, queries)
 
-    # --- after each step: sliding window and budget ------------------------------------------
-    def after_attention(self, window: int | None) -> None:
+    # --- after each step: the model's sliding window and the budget ---------------------------
+    def after_attention(self, sliding_window: int | None) -> None:
         """Drop rows no later query can see (outside the model's sliding window), then evict
         down to the budget.  Runs inside transactions too: rollback restores what it drops."""
-        if window is not None and len(self):
+        if sliding_window is not None and len(self):
             positions = self.positions.view()[0]
-            if int(positions[0]) <= self.seen - window:  # the next query sits at position `seen`
-                self._keep((positions > self.seen - window).nonzero().flatten())
+            if int(positions[0]) <= self.seen - sliding_window:  # the next query sits at position `seen`
+                self._keep((positions > self.seen - sliding_window).nonzero().flatten())
         self._evict_if_needed()
         if self.window is not None:  # the chunk's copies were for this step; the next reads fewer rows exactly
             self.window = self.window.trimmed(len(self), self.config.sink_tokens, self.config.recent_tokens)
@@ -363,6 +366,28 @@ class HCLayer(CacheLayerMixin):
                 self.window = self.window.truncated(len(index))
         self.seen = tokens
 
+    def exact_prefix(self, tokens: int) -> int:
+        """The longest prefix of at most ``tokens`` tokens that ``crop`` leaves exactly as a layer given
+        only those tokens would hold them, so that prefilling the rest answers as one fresh prefill.
+
+        Shorter when what the layer holds below ``tokens`` was shaped by the tokens after it: a row
+        there was evicted (or left the model's sliding window); the rows carry attention mass from
+        later queries, which a later eviction would choose by (then nothing is kept); or a 16-bit
+        copy the next step would read was trimmed when its row left the recent rows, and only the
+        row's codes remain.  Rows below the first such row are always exact."""
+        if tokens >= self.seen:
+            return tokens
+        if self.mass is not None:
+            return 0
+        positions = self.positions.view()[0]
+        tokens = min(tokens, _first_missing(positions))
+        if self.window is not None:
+            rows = torch.arange(tokens)
+            needed = rows[ExactCopies.read_exactly(rows, tokens, self.config.sink_tokens, self.config.recent_tokens)]
+            if not bool(torch.isin(needed, self.window.rows).all()):
+                tokens = min(tokens, _first_missing(self.window.rows))
+        return tokens
+
     @property
     def in_transaction(self) -> bool:
         return self._txn is not None
@@ -411,12 +436,12 @@ class HCLayer(CacheLayerMixin):
 
     # --- bytes -------------------------------------------------------------------------------
     def device_bytes(self, reserved: bool = False) -> int:
-        """Next to the model: key codes and codebooks, and values (with their window copies) when placed there."""
+        """Next to the model: key codes and codebooks, and values (with their 16-bit copies) when placed there."""
         total = self.key_codes.reserved_bytes() if reserved else self.key_codes.nbytes()
         return total + (self._value_side_bytes(reserved) if self.config.value_placement == "device" else 0)
 
     def host_bytes(self, reserved: bool = False) -> int:
-        """Host memory: the exact key copy, values (and window copies) when offloaded, and (reserved only)
+        """Host memory: the exact key copy, values (and 16-bit copies) when offloaded, and (reserved only)
         bookkeeping."""
         stores: list[CodedRows | RowBuffer] = [s for s in (self.exact_keys,) if s is not None]
         if reserved:
@@ -425,9 +450,15 @@ class HCLayer(CacheLayerMixin):
         return total + (self._value_side_bytes(reserved) if self.config.value_placement == "host" else 0)
 
     def _value_side_bytes(self, reserved: bool) -> int:
-        """The values and the window's copies, which live beside them."""
+        """The values and the 16-bit copies, which live beside them."""
         values = self.values.reserved_bytes() if reserved else self.values.nbytes()
         return values + (0 if self.window is None else self.window.nbytes())
+
+
+def _first_missing(ascending: torch.Tensor) -> int:
+    """The smallest ``n >= 0`` not among ``ascending`` (distinct, ascending non-negative ints)."""
+    gaps = (ascending != torch.arange(len(ascending), device=ascending.device)).nonzero()
+    return int(gaps[0]) if len(gaps) else len(ascending)
 
 
 def query_length_of(query_length: int | torch.Tensor) -> int:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from .codecs import VQCodec
+from .config import is_int
 from .layer import HCLayer
 from .rows import CodedRows, RowBuffer
-from .window import ExactWindow
+from .window import ExactCopies
 
 
 def dump(layer: HCLayer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -51,7 +52,7 @@ def load(layer: HCLayer, tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     ints = ("seen", "selected_rows", "selectable_rows")
     if set(meta) != {*ints, "calibrated"}:
         raise ValueError(f"layer {layer.index}: counters {sorted(meta)} are not those of this format")
-    if any(not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0 for k in ints) \
+    if any(not is_int(meta[k]) or meta[k] < 0 for k in ints) \
             or not isinstance(meta["calibrated"], bool) or meta["selected_rows"] > meta["selectable_rows"]:
         raise ValueError(f"layer {layer.index}: invalid counters {meta}")
     needs_fit = not layer.calibrated
@@ -89,7 +90,7 @@ def load(layer: HCLayer, tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 WINDOW_TENSORS = ("window.rows", "window.keys", "window.values")
 
 
-def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> ExactWindow | None:
+def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> ExactCopies | None:
     """The stored window copies, checked: the rows a step after this state reads exactly, and copies of
     the layer's shape and dtype (none stored: the stores are read, as when it was saved without)."""
     empty = layer.window
@@ -102,7 +103,7 @@ def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> Ex
     config = layer.config
     if rows.dtype != torch.int64 or rows.dim() != 1 or bool((rows[1:] <= rows[:-1]).any()):
         raise ValueError(f"layer {layer.index}: window rows must be increasing int64 row indices")
-    if not bool(ExactWindow.read_exactly(rows, length, config.sink_tokens, config.recent_tokens).all()):
+    if not bool(ExactCopies.read_exactly(rows, length, config.sink_tokens, config.recent_tokens).all()):
         raise ValueError(f"layer {layer.index}: window copies of rows {rows.tolist()} are not among the first "
                          f"{config.sink_tokens} and last {config.recent_tokens} of the {length} rows")
     shape = (layer.heads, len(rows), layer.dim)
@@ -110,7 +111,7 @@ def _window(layer: HCLayer, tensors: dict[str, torch.Tensor], length: int) -> Ex
         if t.dtype != empty.keys.dtype or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
             raise ValueError(f"layer {layer.index}: window {name} are {t.dtype} {tuple(t.shape)}, expected finite "
                              f"{empty.keys.dtype} {shape}")
-    return ExactWindow(rows, keys.to(empty.keys.device), values.to(empty.keys.device))
+    return ExactCopies(rows, keys.to(empty.keys.device), values.to(empty.keys.device))
 
 
 def _check_rows(layer: HCLayer, name: str, store: CodedRows | RowBuffer, rows: torch.Tensor, seen: int) -> None:

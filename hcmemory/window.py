@@ -1,17 +1,22 @@
 """16-bit copies of the rows a step reads exactly (``HCConfig.full_precision_window``).
 
-The exact part of a step — the sinks, the recent window and the chunk itself — is otherwise read
+The exact part of a step — the sinks, the recent rows and the chunk itself — is otherwise read
 from the stores like any other row, so with int values or int re-scoring keys it is only as exact
 as those codes.  KIVI and transformers' quantized caches keep their newest tokens in full precision
 for this reason: a token's neighbourhood carries much of its attention, and in a chunked prefill
-the errors of one chunk's reads shape the keys and values of the next.  Measured on SmolLM2 with
-``compact``'s int4 rows (102 eval questions, 2K-7.5K): NLL gap per answer token to full attention
-0.036 → 0.010 nats.
+the errors of one chunk's reads shape the keys and values of the next (measured:
+docs/DESIGN-NOTES.md).
 
-An ``ExactWindow`` is a value: every change returns a new one, so a transaction keeps the window
-it began with, and a fork shares it.  Rows are named by their index in the layer's stores, the
+An ``ExactCopies`` is a value: every change returns a new one, so a transaction keeps the copies
+it began with, and a fork shares them.  Rows are named by their index in the layer's stores, the
 same index every store uses; between steps only the next step's exact rows are kept, so the copies
-cost ``sink_tokens + recent_tokens`` rows per layer whatever the context length.
+cost ``sink_tokens + recent_tokens`` rows per layer whatever the context length.  A crop keeps the
+copies below its point; those of rows that had left the recent rows are gone, which
+``HCLayer.exact_prefix`` accounts for.
+
+The module and the layer's ``window`` attribute keep their names (checkpoints store the copies as
+``window.*`` tensors), as does ``HCLayer.exact_window`` (the sink and recent bounds, named by
+``attention.LayerView``); elsewhere in the layer "window" is only the model's sliding window.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class ExactWindow:
+class ExactCopies:
     rows: torch.Tensor
     """``(m,)`` int64 on the host, ascending: the store rows these copies stand for."""
     keys: torch.Tensor
@@ -30,7 +35,7 @@ class ExactWindow:
     values: torch.Tensor
 
     @classmethod
-    def empty(cls, heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> "ExactWindow":
+    def empty(cls, heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> "ExactCopies":
         blank = torch.empty(heads, 0, dim, dtype=dtype, device=device)
         return cls(torch.empty(0, dtype=torch.int64), blank, blank)
 
@@ -40,19 +45,19 @@ class ExactWindow:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
-    # --- changes: each returns a new window -------------------------------------------------------
-    def appended(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> "ExactWindow":
+    # --- changes: each returns new copies ---------------------------------------------------------
+    def appended(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> "ExactCopies":
         """With copies of ``keys``/``values`` ``(heads, n, dim)``, the rows from ``start`` on."""
         like = self.keys  # never written in place, so tensors made under inference mode serve any later step
-        return ExactWindow(torch.cat([self.rows, torch.arange(start, start + keys.shape[1])]),
+        return ExactCopies(torch.cat([self.rows, torch.arange(start, start + keys.shape[1])]),
                            torch.cat([like, keys.to(like.device, like.dtype)], dim=1),
                            torch.cat([self.values, values.to(like.device, like.dtype)], dim=1))
 
-    def _where(self, keep: torch.Tensor, rows: torch.Tensor | None = None) -> "ExactWindow":
+    def _where(self, keep: torch.Tensor, rows: torch.Tensor | None = None) -> "ExactCopies":
         if bool(keep.all()) and rows is None:
             return self
         index = keep.nonzero().flatten().to(self.keys.device)
-        return ExactWindow(self.rows[keep] if rows is None else rows[keep], self.keys.index_select(1, index),
+        return ExactCopies(self.rows[keep] if rows is None else rows[keep], self.keys.index_select(1, index),
                            self.values.index_select(1, index))
 
     @staticmethod
@@ -61,14 +66,14 @@ class ExactWindow:
         last ``recent`` rows (``HCLayer.exact_window``)."""
         return (rows >= 0) & ((rows < min(sinks, length)) | ((rows >= length - recent) & (rows < length)))
 
-    def trimmed(self, length: int, sinks: int, recent: int) -> "ExactWindow":
+    def trimmed(self, length: int, sinks: int, recent: int) -> "ExactCopies":
         """Only the copies of the rows the next step over ``length`` rows reads exactly."""
         return self._where(self.read_exactly(self.rows, length, sinks, recent))
 
-    def truncated(self, length: int) -> "ExactWindow":
+    def truncated(self, length: int) -> "ExactCopies":
         return self._where(self.rows < length)
 
-    def kept(self, index: torch.Tensor) -> "ExactWindow":
+    def kept(self, index: torch.Tensor) -> "ExactCopies":
         """The copies that survive the layer keeping store rows ``index`` (ascending), renumbered."""
         index = index.to(self.rows.device)
         if not len(self) or not len(index):
@@ -80,7 +85,7 @@ class ExactWindow:
     # --- reads -----------------------------------------------------------------------------------
     def over(self, read: torch.Tensor, index: torch.Tensor, part: str) -> torch.Tensor:
         """``read`` ``(heads, cols, dim)``, the stores' rows ``index`` (``(cols,)`` or ``(heads, cols)``),
-        with every row this window holds replaced by its copy of ``part`` (``keys`` or ``values``).
+        with every row these copies stand for replaced by its copy of ``part`` (``keys`` or ``values``).
 
         ``read`` must be a fresh tensor (a gather's result): the copies are written into it, so a step
         that selected thousands of rows pays for the few dozen it holds, not for another full pass."""

@@ -9,24 +9,21 @@ are then committed, so the next turn is served from memory too.  Usage metadata 
 ``generation_info`` / ``response_metadata`` carry ``tokens_reused`` and ``tokens_prefilled``.
 
 Weights load lazily, on the first call, once per process for every instance naming the same model;
-constructing a model object is cheap.  Async calls run the generation in a worker thread, so the
-event loop is never blocked.  Pin a conversation with ``context_id``; without one the longest shared
+constructing a model object is cheap.  Async calls are LangChain's own: the generation runs in its
+executor, so the event loop is never blocked.  Pin a conversation with ``context_id``; without one the longest shared
 prefix picks it.  Needs ``pip install 'hcmemory[langchain]'``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
     from langchain_core.language_models import LLM, BaseChatModel
     from langchain_core.language_models.base import LangSmithParams
-    from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage,
-                                         SystemMessage, ToolMessage)
+    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
     from langchain_core.messages.ai import UsageMetadata
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk, LLMResult
     from langchain_core.outputs import Generation as LLMGeneration
@@ -40,7 +37,6 @@ from hcmemory.decoding import Generation, GenerationInfo
 from hcmemory.engine import DEFAULT_MAX_HOST_BYTES, DEFAULT_PRESET, Engine, shared_engine
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-T = TypeVar("T")
 
 
 class HCMemorySettings(BaseModel):
@@ -101,40 +97,6 @@ def _pieces(generation: Generation, on_token: Callable[[str], Any] | None) -> It
         yield piece
 
 
-async def _in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Run a blocking iterator in a worker thread and hand its items to the event loop; closing the
-    async iterator early stops the worker (and so the generation) at its next item."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop, done = threading.Event(), object()
-
-    def worker() -> None:
-        try:
-            iterator = make()
-            for item in iterator:
-                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
-                if stop.is_set():
-                    getattr(iterator, "close", lambda: None)()
-                    break
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
-            loop.call_soon_threadsafe(queue.put_nowait, (done, exc))
-            return
-        loop.call_soon_threadsafe(queue.put_nowait, (done, None))
-
-    thread = threading.Thread(target=worker, name="hcmemory-generate", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-
-
 class HCAttentionLLM(HCMemorySettings, LLM):
     """A LangChain LLM over hcmemory: prompts that repeat what the memory holds are not prefilled again.
 
@@ -171,12 +133,8 @@ class HCAttentionLLM(HCMemorySettings, LLM):
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        # LLM's default goes through ``_acall`` and keeps only the text, dropping ``generation_info``
         return await run_in_executor(None, self._generate, prompts, stop,
-                                     run_manager.get_sync() if run_manager else None, **kwargs)
-
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
-        return await run_in_executor(None, self._call, prompt, stop,
                                      run_manager.get_sync() if run_manager else None, **kwargs)
 
     def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
@@ -186,42 +144,18 @@ class HCAttentionLLM(HCMemorySettings, LLM):
             yield GenerationChunk(text=piece)
         yield GenerationChunk(text="", generation_info=_counters(generation.info, self.engine()))
 
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        async for chunk in _in_thread(lambda: self._stream(prompt, stop, None, **kwargs)):
-            if run_manager and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text)
-            yield chunk
-
-
-_ROLES = ((SystemMessage, "system"), (HumanMessage, "user"), (AIMessage, "assistant"), (ToolMessage, "tool"))
-
-
-def _text(message: BaseMessage) -> str:
-    if isinstance(message.content, str):
-        return message.content
-    parts = []
-    for block in message.content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(block.get("text", ""))
-        else:
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ValueError(f"ChatHCAttention takes text only; a {kind!r} content block cannot be read by this model")
-    return "".join(parts)
-
 
 def message_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as the role/content dicts a chat template renders."""
+    """LangChain messages as the role/content dicts a chat template renders (LangChain's own conversion,
+    text blocks joined); a non-text block is refused, since a text-only model would answer without it."""
     out = []
-    for message in messages:
-        role = message.role if isinstance(message, ChatMessage) else next(
-            (name for cls, name in _ROLES if isinstance(message, cls)), None)
-        if role is None:
-            raise ValueError(f"ChatHCAttention cannot render a {type(message).__name__}")
-        out.append({"role": role, "content": _text(message)})
+    for message in convert_to_openai_messages(list(messages), text_format="string"):
+        content = message["content"]
+        if not isinstance(content, str):
+            kinds = sorted({b.get("type") if isinstance(b, dict) else type(b).__name__ for b in content} - {"text"})
+            raise ValueError(f"ChatHCAttention takes text only; {', '.join(map(repr, kinds))} content blocks "
+                             "cannot be read by this model")
+        out.append({"role": message["role"], "content": content})
     return out
 
 
@@ -267,11 +201,6 @@ class ChatHCAttention(HCMemorySettings, BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message,
                                                       generation_info={"finish_reason": generation.info.finish_reason})])
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        return await run_in_executor(None, self._generate, messages, stop,
-                                     run_manager.get_sync() if run_manager else None, **kwargs)
-
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         generation = self._generation(messages, stop, kwargs)
@@ -285,11 +214,3 @@ class ChatHCAttention(HCMemorySettings, BaseChatModel):
                                                          response_metadata=self._metadata(generation.info),
                                                          chunk_position="last"),
                                   generation_info={"finish_reason": generation.info.finish_reason})
-
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in _in_thread(lambda: self._stream(messages, stop, None, **kwargs)):
-            if run_manager and chunk.text:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk

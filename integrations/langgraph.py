@@ -19,6 +19,7 @@ falls back to reading the next page: the point is the mechanics.  Needs
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 import sqlite3
@@ -32,6 +33,7 @@ try:
     from langchain_core.runnables import RunnableConfig
     from langgraph.checkpoint.sqlite import SqliteSaver
     from langgraph.graph import END, START, MessagesState, StateGraph
+    from simpleeval import InvalidExpression, SimpleEval
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("hcmemory.integrations.langgraph needs langgraph: pip install 'hcmemory[agents]'") from exc
 
@@ -42,22 +44,56 @@ SYSTEM = ("You are a careful agent answering a question about a long file you re
           "calculator(expression) does arithmetic; lookup(term) explains a term. When you know the answer, reply "
           "`ANSWER: <answer>`.")
 _ACTION = re.compile(r"ACTION:\s*(\w+)\s*\((.*?)\)", re.DOTALL)
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.Pow: operator.pow, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos}
+MAX_DIGITS = 100
+"""The calculator refuses numbers of more digits, operands and results alike: model output may ask for
+``9**9**9``, whose digits alone take minutes to compute."""
+MAX_EXPRESSION = 200
+"""Characters of one calculator expression (a deeply nested one would exhaust the parser's stack)."""
+
+
+def _bounded(value: Any) -> Any:
+    """``value`` when it is a real number under ``MAX_DIGITS`` digits (checked after every operation, so no
+    step starts from a number too large to compute with)."""
+    if isinstance(value, complex):
+        raise ValueError("the result is not a real number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) < 10 ** MAX_DIGITS:
+        raise ValueError(f"a number of more than {MAX_DIGITS} digits")
+    return value
+
+
+def _power(base: float, exponent: float) -> float:
+    """``base ** exponent``, refused before it is computed when its result would pass ``MAX_DIGITS``."""
+    if abs(base) not in (0, 1) and exponent * math.log10(abs(base)) > MAX_DIGITS:
+        raise ValueError(f"{base}**{exponent} has more than {MAX_DIGITS} digits")
+    return base ** exponent
+
+
+def _checked(op: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda *operands: _bounded(op(*operands))
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _power, ast.USub: operator.neg,
+               ast.UAdd: operator.pos}
 
 
 def calculate(expression: str) -> float:
-    """Arithmetic on numbers only (no names, calls or attributes): safe to run on model output."""
-    def walk(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.operand))
-        raise ValueError(f"not arithmetic: {ast.unparse(node)}")
+    """Arithmetic on numbers only (``simpleeval`` with no names or functions, and every operand and
+    result under ``MAX_DIGITS`` digits): safe to run on model output.  ``ValueError`` says what is wrong."""
+    if len(expression) > MAX_EXPRESSION:
+        raise ValueError(f"the expression is longer than {MAX_EXPRESSION} characters")
+    evaluator = SimpleEval(operators={node: _checked(op) for node, op in _ARITHMETIC.items()}, functions={}, names={})
+    try:
+        return _bounded(evaluator.eval(expression.strip()))
+    except (InvalidExpression, SyntaxError, TypeError, RecursionError) as exc:
+        raise ValueError(f"not arithmetic on numbers ({type(exc).__name__}: {exc})") from exc
 
-    return walk(ast.parse(expression.strip(), mode="eval").body)
+
+def page_number(argument: str) -> int | None:
+    """The page a ``read_page`` argument names (ASCII digits, quotes and spaces around allowed), else None:
+    ``str.isdigit`` also accepts characters such as ``²`` that ``int`` refuses."""
+    argument = argument.strip().strip("'\"").strip()
+    return int(argument) if re.fullmatch(r"[0-9]{1,9}", argument) else None
 
 
 @dataclass
@@ -76,9 +112,10 @@ class Tools:
         argument = argument.strip().strip("'\"")
         if tool == "read_page":
             pages = self.pages()
-            number = int(argument) if argument.isdigit() else 1
-            if not 1 <= number <= len(pages):
-                return f"There is no page {number}; the file has {len(pages)} pages."
+            number = page_number(argument)
+            if number is None or not 1 <= number <= len(pages):
+                return (f"read_page takes a page number from 1 to {len(pages)}, e.g. read_page(1); "
+                        f"{argument!r} is not one.")
             return f"Page {number} of {len(pages)}:\n{pages[number - 1]}"
         if tool == "calculator":
             try:
@@ -127,8 +164,9 @@ def build_agent(chat: ChatHCAttention, tools: Tools, checkpointer: SqliteSaver, 
     def act(state: AgentState) -> dict[str, Any]:
         tool, argument = next_action(state["messages"][-1].content, state, pages)
         update: dict[str, Any] = {"messages": [HumanMessage(f"Observation: {tools.run(tool, argument)}")]}
-        if tool == "read_page" and argument.strip().isdigit():
-            update["page"] = int(argument.strip())
+        number = page_number(argument) if tool == "read_page" else None
+        if number is not None and 1 <= number <= pages:
+            update["page"] = number
         return update
 
     def route(state: AgentState) -> str:

@@ -14,14 +14,19 @@
   flash-decoding, where the torch path gathers and converts keys and values into new tensors first.
 
 The build needs a C++ compiler and ninja, takes about a minute once, and is cached by torch (in
-``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).  Where it cannot build, ``module()``
-returns None once and logs why, and ``auto`` uses the torch path: same answers, slower.
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that hashes everything
+the binary depends on (``build_name``), so checkouts and environments never overwrite each other's
+build.  It starts at the first call that needs a kernel, never on import or for a configuration that
+runs none.  Where it cannot build, ``module()`` returns None once and logs why, and ``auto`` uses the
+torch path: same answers, slower.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
+import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -36,23 +41,36 @@ _failure: str | None = None
 
 
 def module():
-    """The compiled extension, or None where it cannot be built (``failure()`` says why)."""
+    """The compiled extension, built or loaded at the first call, or None where it cannot be built
+    (``failure()`` says why)."""
     global _module, _failure
     with _lock:
         if _module is None and _failure is None:
             try:
                 from torch.utils.cpp_extension import load
 
-                log.info("compiling hcmemory's CPU kernels (once; cached by torch)")
-                # torch keys its cache on the source and flags only: the name keeps builds against
-                # different torch versions (another venv) apart
-                name = "hcmemory_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__)
-                _module = load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *_isa_flags()],
-                               extra_ldflags=["-fopenmp"])
+                cflags, ldflags = ["-O3", "-fopenmp", *_isa_flags()], ["-fopenmp"]
+                name = build_name(cflags, ldflags)
+                log.info("loading hcmemory's CPU kernels %s (compiled once, then cached by torch)", name)
+                _module = load(name, [str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags)
             except Exception as error:  # no compiler, no ninja, a read-only cache: the torch path works
                 _failure = f"{type(error).__name__}: {error}".splitlines()[0]
                 log.warning("hcmemory's CPU kernels did not build (%s); using the slower torch path", _failure)
     return _module
+
+
+def build_name(cflags: list[str], ldflags: list[str]) -> str:
+    """The extension's name: a hash of what the binary depends on — the source, the flags, torch's and
+    Python's include folders (which differ between environments even at one torch version) and the
+    versions.  torch rebuilds a name whose inputs changed in place, so two checkouts or environments
+    sharing one name would rebuild over each other at every switch."""
+    from torch.utils.cpp_extension import include_paths
+
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*cflags, "|", *ldflags, "|", *include_paths(), sysconfig.get_paths()["include"], torch.__version__,
+                 sys.version):
+        digest.update(part.encode() + b"\0")
+    return f"hcmemory_cpu_kernels_{digest.hexdigest()[:16]}"
 
 
 def _isa_flags() -> list[str]:
