@@ -12,7 +12,7 @@ PY ?= python3
 VENV := .venv
 COMPAT := .venv-compat
 LATEST := .venv-latest
-MAIN_EXTRAS := dev,docs,langchain,llamaindex,agents
+MAIN_EXTRAS := dev,docs,serve,langchain,llamaindex,agents
 COMPAT_EXTRAS := dev,bench,langchain
 # On a machine without an NVIDIA driver, torch is installed first and pinned, so the CPU build
 # is used (set TORCH_INDEX to e.g. https://download.pytorch.org/whl/cpu where PyPI's default
@@ -31,7 +31,7 @@ NEW_VENV = test -x $(1)/bin/python || $(PY) -m venv $(1); \
 
 # The smoke set `make test-latest` runs on the newest releases: packaging, the quickstart, exactness
 # against transformers' own cache, and the context's life cycle.
-SMOKE := tests/test_packaging.py tests/test_cache_exact.py tests/test_context.py "tests/test_examples.py::test_example_runs[quickstart.py]"
+SMOKE := tests/test_packaging.py tests/test_cache_exact.py tests/test_context.py tests/test_serve.py "tests/test_examples.py::test_example_runs[quickstart.py]"
 
 .PHONY: venv venv-compat model demo test test-latest lock docs bench
 
@@ -76,7 +76,7 @@ test: venv venv-compat model
 test-latest: model
 	rm -rf $(LATEST)
 	$(call NEW_VENV,$(LATEST))
-	$(LATEST)/bin/python -m pip install $(PIP_QUIET) -e '.[dev,langchain,llamaindex,agents]'
+	$(LATEST)/bin/python -m pip install $(PIP_QUIET) -e '.[dev,serve,langchain,llamaindex,agents]'
 	$(LATEST)/bin/python -m pip list --format freeze > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q $(SMOKE)
 

@@ -1,5 +1,6 @@
 """The ``hcmemory`` command: ``demo`` (what the memory is for), ``eval`` (accuracy of KV-cache methods
-on RULER-style tasks, resumable) and ``report`` (tables, intervals and plots of an eval run)."""
+on RULER-style tasks, resumable), ``report`` (tables, intervals and plots of an eval run) and ``serve``
+(an OpenAI-compatible HTTP server over the memory)."""
 
 from __future__ import annotations
 
@@ -34,17 +35,45 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--output", default=None, help="where to write the Markdown (default: OUT/RESULTS.md)")
     r.add_argument("--ablations", nargs="*", default=[],
                    help="results directories of ablation runs to tabulate too")
+    s = sub.add_parser("serve", help="an OpenAI-compatible server whose conversations keep their memory "
+                                     "(docs/serving.md; needs hcmemory[serve])")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
+    s.add_argument("--preset", default=None, help="how conversations store their KV state (default: hc-12.5)")
+    s.add_argument("--store", default=None, help="directory of the tenants' SQLite stores "
+                                                 "(default: serve/ under the cache root)")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY[,KEY...]",
+                   help="accept this bearer key (repeatable or comma-separated); each key is its own tenant")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
         out = run(Plan(args.methods, args.tasks, args.lengths, args.questions, Path(args.out), args.model))
         print(f"report: {write_report(out)}")
         return 0
+    if args.command == "serve":
+        return _serve(args, parser)
     if args.command == "report":
         output = Path(args.output) if args.output else None
         print(write_report(Path(args.out), output, [Path(a) for a in args.ablations]))
         return 0
     return demo(args.preset, args.model, args.max_new_tokens)
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .serve import ServeSettings, serve  # FastAPI and uvicorn are an extra: imported only here
+
+    given = {"host": args.host, "port": args.port, "model": args.model, "preset": args.preset, "store": args.store,
+             "max_tokens_limit": args.max_tokens_limit, "max_body_bytes": args.max_body_bytes,
+             "api_keys": tuple(key for value in args.api_key for key in value.split(",") if key.strip())}
+    try:
+        settings = ServeSettings(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(settings)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""Turning an OpenAI request into one pool generation on the model thread, and its result back into
+OpenAI's JSON or server-sent events.
+
+``cached_tokens`` is the pool's own count of prompt tokens it did not prefill (``tokens_reused``: the
+prefix served from the live context, or from its stored checkpoint when it was spilled), so it is as
+true as the pool's bookkeeping: a turn that was prefilled from scratch reports 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from ..decoding import GenerationInfo
+from .errors import APIError, error_body, library_errors
+from .schemas import PromptTokensDetails, Sampled, Usage
+from .settings import ServeSettings
+from .tenants import Tenants
+from .worker import Run
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length"}
+"""hcmemory's reasons in OpenAI's words (a decoding timeout ends an answer the way a length limit does)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One generation, as the model thread runs it."""
+
+    tenant: str
+    prompt: Callable[[], list[int]]
+    """Tokenizes the prompt, on the model thread (the tokenizer is not shared across threads)."""
+    context_id: str | None
+    max_new_tokens: int
+    temperature: float
+    stop: list[str] | None
+    seed: int | None
+    param: str
+    """The request field the prompt came from (``messages`` or ``prompt``), named by errors about it."""
+
+
+def turn_of(body: Sampled, settings: ServeSettings, tenant: str, prompt: Callable[[], list[int]],
+            context_id: str | None, param: str) -> Turn:
+    """Check the sampling fields of ``body`` against what this server honours, naming the field refused."""
+    refuse = {"n": body.n not in (None, 1), "top_p": body.top_p not in (None, 1.0),
+              "presence_penalty": body.presence_penalty not in (None, 0.0),
+              "frequency_penalty": body.frequency_penalty not in (None, 0.0)}
+    for field, refused in refuse.items():
+        if refused:
+            raise APIError(400, f"{field}={getattr(body, field)!r} is not supported by this server (it samples one "
+                                "answer by temperature alone); leave it out", field, "unsupported_parameter")
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", "max_tokens",
+                       "invalid_value")
+    if body.max_completion_tokens is not None:
+        max_tokens = max_new_tokens(body.max_completion_tokens, settings, "max_completion_tokens")
+    else:
+        max_tokens = max_new_tokens(body.max_tokens, settings, "max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None and (len(stop) > 4 or any(not s for s in stop)):
+        raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_value")
+    return Turn(tenant, prompt, context_id, max_tokens, body.temperature or 0.0, stop or None, body.seed, param)
+
+
+def max_new_tokens(requested: int | None, settings: ServeSettings, name: str) -> int:
+    """``requested`` checked against the server's limit (400 naming ``name``), or the default."""
+    if requested is None:
+        return min(settings.default_max_tokens, settings.max_tokens_limit)
+    if requested > settings.max_tokens_limit:
+        raise APIError(400, f"{name}={requested} is over this server's limit of {settings.max_tokens_limit}; ask "
+                            "for fewer tokens (or start the server with a larger --max-tokens-limit)", name,
+                       "invalid_value")
+    return requested
+
+
+def generate(tenants: Tenants, turn: Turn, run: Run) -> None:
+    """On the model thread: answer ``turn`` from its tenant's pool, emitting pieces into ``run`` until the
+    answer ends or the run is cancelled (then the pool rolls the turn back and releases the context)."""
+    if run.cancelled.is_set():
+        return
+    pool = tenants.pool(turn.tenant)
+    with library_errors(turn.param):
+        generation = pool.generate(turn.prompt(), turn.context_id, max_new_tokens=turn.max_new_tokens,
+                                   temperature=turn.temperature, stop=turn.stop, seed=turn.seed)
+    run.info = generation.info
+    try:
+        for piece in generation:
+            run.emit(piece)
+            if run.cancelled.is_set():
+                log.info("client gone: generation on context %r ended after %d pieces", generation.info.context_id,
+                         generation.info.completion_tokens)
+                break
+    finally:
+        generation.close()
+    tenants.enforce_cap(turn.tenant)
+
+
+def usage(info: GenerationInfo) -> Usage:
+    return Usage(prompt_tokens=info.prompt_tokens, completion_tokens=info.completion_tokens,
+                 total_tokens=info.prompt_tokens + info.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=info.tokens_reused))
+
+
+def finish_reason(info: GenerationInfo) -> str | None:
+    return FINISH_REASONS.get(info.finish_reason or "")
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body has been read, so the next ASGI message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@asynccontextmanager
+async def watching(request: Request, run: Run) -> AsyncIterator[None]:
+    """Cancel ``run`` if the client disconnects while the block awaits it; a failure in the block cancels it too."""
+    watcher = asyncio.create_task(_disconnected(request))
+    watcher.add_done_callback(lambda task: task.cancelled() or run.cancel())
+    try:
+        yield
+    except BaseException:
+        run.cancel()
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def collect(run: Run, request: Request) -> str:
+    """The whole answer (a plain, non-streamed request)."""
+    async with watching(request, run):
+        return "".join([piece async for piece in run])
+
+
+async def first_piece(run: Run, request: Request) -> str | None:
+    """Wait for the first piece (None: the answer ended empty) before a stream's headers go out, so that
+    an error in the prompt is answered with its status code rather than inside a 200 stream."""
+    async with watching(request, run):
+        async for piece in run:
+            return piece
+    return None
+
+
+def sse(data: object) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def events(run: Run, first: str | None, chunk: Callable[[str | None, str | None], dict],
+                 include_usage: bool, usage_chunk: Callable[[Usage], dict]) -> AsyncIterator[str]:
+    """The SSE body: a chunk per piece, the finishing chunk, the usage chunk when asked, ``[DONE]``.  Leaving
+    early (the client closed the stream and Starlette cancelled this) cancels the generation."""
+    try:
+        if first is not None:
+            yield sse(chunk(first, None))
+            async for piece in run:
+                yield sse(chunk(piece, None))
+        info = run.info or GenerationInfo()
+        yield sse(chunk(None, finish_reason(info) or "stop"))
+        if include_usage:
+            yield sse(usage_chunk(usage(info)))
+    except APIError as exc:
+        yield sse(exc.body())
+    except Exception as exc:  # noqa: BLE001 - the status line has gone out: the error goes in the stream
+        log.exception("streamed generation failed")
+        yield sse(error_body(500, f"internal error ({type(exc).__name__}); the server logged the traceback"))
+    finally:
+        run.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,1 @@
+"""The server's routers: OpenAI's endpoints, the memory endpoints, health."""

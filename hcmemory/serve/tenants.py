@@ -1,0 +1,92 @@
+"""Tenants: one ``ContextPool`` and one SQLite ``ContextStore`` per tenant, sharing the model.
+
+Why a pool per tenant rather than one pool with prefixed ids: the pool's prefix reuse looks at every
+context it knows, live or stored, so in a shared pool a stateless request from one tenant could be
+continued from (and its reply shaped by) another tenant's conversation — llama.cpp#27148's bug.  With a
+pool per tenant that cannot happen by construction: a tenant's pool never sees another tenant's tokens.
+For the same reason each tenant has its own store file: a pool also matches against the token ids of
+every context in its store.  Ids therefore need no prefix either: the same session id sent by two
+tenants names two different contexts.
+
+Every method here runs on the model thread (``worker.py``), so no call is ever in progress on a
+context while a pool is closed or a context spilled.  Memory is capped across tenants: after each call
+the least recently used tenants' least recently used contexts are spilled until the live contexts of all
+tenants together fit ``max_host_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..config import HCConfig
+from ..pool import ContextPool
+from ..store import ContextStore
+
+log = logging.getLogger(__name__)
+
+
+def store_file(directory: Path, tenant: str) -> Path:
+    """A tenant's store: named by a hash, so any tenant name (an API key included) is a safe file name
+    and no key is ever written to disk."""
+    return directory / f"tenant-{hashlib.sha256(tenant.encode()).hexdigest()[:32]}.sqlite"
+
+
+class Tenants:
+    """The open tenants' pools, least recently used first."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: HCConfig,
+                 store_dir: Path, max_host_bytes: int, max_open: int) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.store_dir, self.max_host_bytes, self.max_open = store_dir, max_host_bytes, max_open
+        self._pools: OrderedDict[str, ContextPool] = OrderedDict()
+
+    def pool(self, tenant: str) -> ContextPool:
+        """The tenant's pool, opened (with its store) on first use."""
+        pool = self._pools.get(tenant)
+        if pool is not None:
+            self._pools.move_to_end(tenant)
+            return pool
+        while len(self._pools) >= self.max_open:
+            self._close(next(iter(self._pools)))
+        store = ContextStore(store_file(self.store_dir, tenant))
+        pool = ContextPool(self.model, self.tokenizer, store, self.max_host_bytes, self.config)
+        self._pools[tenant] = pool
+        return pool
+
+    def enforce_cap(self, keep: str) -> None:
+        """Spill least recently used contexts of the least recently used tenants until every tenant's live
+        contexts fit the cap together; ``keep``'s most recent context stays (it just answered)."""
+        for tenant, pool in list(self._pools.items()):
+            ids = pool.live_ids[:-1] if tenant == keep else pool.live_ids
+            for context_id in ids:
+                if self.live_bytes() <= self.max_host_bytes:
+                    return
+                pool.spill(context_id)
+
+    @property
+    def open(self) -> int:
+        """How many tenants' pools are open."""
+        return len(self._pools)
+
+    def live_bytes(self) -> int:
+        """What the live contexts of every open tenant hold allocated."""
+        return sum(pool.live_bytes() for pool in self._pools.values())
+
+    def close(self) -> None:
+        """Save every live context to its tenant's store and close them all."""
+        for tenant in list(self._pools):
+            self._close(tenant)
+
+    def _close(self, tenant: str) -> None:
+        pool = self._pools.pop(tenant)
+        pool.close()
+        store = pool.store
+        if store is not None:  # always set here; the check keeps type checkers honest
+            store.close()
+        log.info("closed tenant %s: its live contexts were saved to its store", tenant)
