@@ -9,7 +9,13 @@ the tensors against the configuration (``HCLayer.load_state``); a checkpoint tha
 consistent, not just intact.  Both stores use it: ``store.ContextStore`` (many contexts in SQLite)
 and the one-file layout below (safetensors with the header in its metadata).
 
-No pickle anywhere: tensors are safetensors, everything else JSON.
+No pickle anywhere: tensors are safetensors (or raw bytes described by the header), everything else JSON.
+
+Headers are read from bytes anyone may have written, so ``parse_header`` bounds them before parsing:
+at most ``MAX_HEADER_BYTES`` and ``MAX_HEADER_DEPTH`` levels of nesting (Python's JSON parser recurses,
+and a document nested thousands deep would end in a ``RecursionError``, or worse with a raised
+recursion limit).  ``encode_header`` applies the same bounds when writing, so nothing is ever saved
+that could not be read back.
 """
 
 from __future__ import annotations
@@ -18,18 +24,20 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import HCConfig, with_added_fields
+from .config import HCConfig, is_int, with_added_fields
 from .files import atomic_path
 from .models import model_fingerprint, tokenizer_fingerprint
 
@@ -43,6 +51,12 @@ unless ``config.ADDED_FIELDS`` says exactly what they lack — never today's def
 5: ``HCConfig.residual_symmetric`` and ``quant_rotation`` (fitted rotating key codecs store their signs).
 6: ``HCConfig.full_precision_window`` (its copies are stored as ``window.*`` layer tensors)."""
 OLDEST_READABLE = 2
+MAX_HEADER_BYTES = 64 * 2**20
+"""Largest header read or written: room for about eight million token ids, while a damaged or hostile
+header cannot make a reader parse gigabytes of JSON."""
+MAX_HEADER_DEPTH = 64
+"""Deepest nesting of lists and objects in a header.  hcmemory's own fields nest five deep; the rest
+is for the user's ``metadata``."""
 _FILE_METADATA_KEY = "hcmemory"
 _LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}
 
@@ -93,10 +107,10 @@ class ContextState:
         """Rebuild from a header already accepted by ``check_compatible``; raises ``CheckpointError``
         when its fields have the wrong types or contradict each other."""
         try:
-            config = HCConfig.from_dict(_upgraded_config(header), complete=True)
+            config = HCConfig.from_dict(upgraded_config(header), complete=True)
             token_ids, layers = header["token_ids"], header["layers"]
             _require(isinstance(header["context_id"], str) and header["context_id"], "context_id is not a string")
-            _require(isinstance(token_ids, list) and all(_is_int(t) and t >= 0 for t in token_ids),
+            _require(isinstance(token_ids, list) and all(is_int(t) and t >= 0 for t in token_ids),
                      "token_ids is not a list of non-negative ints")
             _require(isinstance(layers, list) and layers and all(
                 isinstance(m, dict) and set(m) == _LAYER_KEYS for m in layers), "per-layer counters are malformed")
@@ -104,26 +118,21 @@ class ContextState:
             _require(seen == {len(token_ids)}, f"layers have seen {sorted(map(str, seen))} tokens but "
                                                f"{len(token_ids)} token ids are stored")
             prefilled = header["tokens_prefilled"]
-            _require(_is_int(prefilled) and 0 <= prefilled <= len(token_ids),
+            _require(is_int(prefilled) and 0 <= prefilled <= len(token_ids),
                      f"tokens_prefilled={prefilled!r} does not fit {len(token_ids)} tokens")
             _require(isinstance(header["turn_open"], bool), "turn_open is not a bool")
             _require(isinstance(header["metadata"], dict), "metadata is not a JSON object")
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: the checkpoint header is inconsistent ({exc}); restore it from a "
-                                  "backup or save the context again") from exc
+            raise damaged(where, f"the checkpoint header is inconsistent ({exc})") from exc
         return cls(header["context_id"], config, token_ids, prefilled, header["turn_open"], layers, tensors,
                    header["model_fingerprint"], header["tokenizer_fingerprint"], header.get("model_name", ""),
                    header["metadata"])
 
 
-def _upgraded_config(header: dict[str, Any]) -> dict[str, Any]:
+def upgraded_config(header: dict[str, Any]) -> dict[str, Any]:
     """The stored config; an older format's is completed with the fields added since, at the values it ran with."""
     config = header["config"]
     return with_added_fields(config) if header["format_version"] < FORMAT_VERSION else config
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, problem: str) -> None:
@@ -135,14 +144,10 @@ def fingerprints(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
     return model_fingerprint(model), tokenizer_fingerprint(tokenizer)
 
 
-def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
-    """Refuse a checkpoint of another format version or made with another model or tokenizer.
-
-    Runs before any tensor is read, so a wrong model costs one header read, not a full load.
-    """
-    if not isinstance(header, dict) or not _is_int(header.get("format_version")):
-        raise CheckpointError(f"{where}: the checkpoint header is damaged (no format_version); "
-                              "restore it from a backup or save the context again")
+def check_version(header: Any, where: str) -> None:
+    """Refuse a header without a format version, or of one this hcmemory does not read."""
+    if not isinstance(header, dict) or not is_int(header.get("format_version")):
+        raise damaged(where, "the checkpoint header is damaged (no format_version)")
     version = header["format_version"]
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{where}: checkpoint format version {version} is newer than this hcmemory "
@@ -151,6 +156,14 @@ def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedT
         raise CheckpointError(f"{where}: checkpoint format version {version} is older than this hcmemory reads "
                               f"({OLDEST_READABLE} to {FORMAT_VERSION}); load it with the hcmemory release that "
                               "wrote it and rebuild the context, or re-append its text")
+
+
+def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuse a checkpoint of another format version or made with another model or tokenizer.
+
+    Runs before any tensor is read, so a wrong model costs one header read, not a full load.
+    """
+    check_version(header, where)
     model_fp, tokenizer_fp = fingerprints(model, tokenizer)
     if header.get("model_fingerprint") != model_fp:
         raise ValueError(f"{where}: checkpoint was made with model {header.get('model_name')!r} "
@@ -162,10 +175,78 @@ def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedT
                          "load it with the tokenizer of the model it was made with")
 
 
+def damaged(where: str, problem: str, otherwise: str = "save the context again") -> CheckpointError:
+    """The error for stored data that cannot be used as it is, with the ways out of it."""
+    return CheckpointError(f"{where}: {problem}; restore it from a backup or {otherwise}")
+
+
 def inconsistent(where: str, exc: Exception) -> CheckpointError:
     """The error for tensors that do not fit their header or the configuration."""
-    return CheckpointError(f"{where}: the checkpoint does not fit its own header ({exc}); "
-                           "restore it from a backup or save the context again")
+    return damaged(where, f"the checkpoint does not fit its own header ({exc})")
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = np.zeros(256, dtype=np.int64)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def _nesting(text: str) -> int:
+    """How deeply lists and objects nest in the JSON ``text``, found without recursing.
+
+    Brackets inside strings do not count.  On text that is not JSON the count may be off, but only
+    past the first syntax error, where the parser stops anyway.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    if not brackets:
+        return 0
+    return int(np.cumsum(_BRACKET_STEP[np.frombuffer(brackets, dtype=np.uint8)]).max())
+
+
+def _bounds_problem(size: int, text: str) -> str | None:
+    """Why a header of ``size`` bytes is outside the bounds, or None."""
+    if size > MAX_HEADER_BYTES:
+        return f"the header is larger than {MAX_HEADER_BYTES} bytes"
+    if _nesting(text) > MAX_HEADER_DEPTH:
+        return f"the header is nested more than {MAX_HEADER_DEPTH} levels deep"
+    return None
+
+
+def encode_header(header: dict[str, Any]) -> bytes:
+    """``header`` as UTF-8 JSON; ``ValueError`` when it could not be read back (too large, nested too
+    deeply, or holding values JSON cannot express — the user's ``metadata`` usually)."""
+    try:
+        text = json.dumps(header)  # ASCII: as many bytes as characters
+        problem = _bounds_problem(len(text), text)
+    except RecursionError:
+        problem = f"the header is nested more than {MAX_HEADER_DEPTH} levels deep"
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the checkpoint header cannot be written as JSON ({exc}); keep the context's metadata "
+                         "to JSON values (dict, list, str, int, float, bool, None)") from exc
+    if problem:
+        raise ValueError(f"{problem}, so it could not be read back; keep the context's metadata smaller and flatter")
+    return text.encode("ascii")
+
+
+def parse_header(raw: bytes | str, where: str) -> dict[str, Any]:
+    """The header dict stored as ``raw``, bounded before parsing; ``CheckpointError`` when it is
+    too large, nested too deeply, not JSON or not an object."""
+    try:
+        text = raw if isinstance(raw, str) else raw.decode("utf-8")
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8"))
+        problem = _bounds_problem(size, text)
+        if problem:
+            raise damaged(where, problem)
+        header = json.loads(text)
+    except (UnicodeError, json.JSONDecodeError) as exc:
+        raise damaged(where, f"the checkpoint header is damaged ({exc})") from exc
+    if not isinstance(header, dict):
+        raise damaged(where, "the checkpoint header is damaged (not a JSON object)")
+    return header
+    steps = np.where(np.frombuffer(brackets, dtype=np.uint8) <= ord("["), 1, -1)  # "[" and "{" open
+    # ("[" is 0x5b, "{" 0x7b: compare against the closers instead)
+    return None
 
 
 def sha256(data: bytes | memoryview) -> str:
@@ -196,8 +277,9 @@ def write_file(state: ContextState, path: str | os.PathLike[str], checkpoint_id:
     header = state.header("latest", checkpoint_id)
     header["tensors"] = {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha256(tensor_bytes(t))}
                          for name, t in tensors.items()}
+    metadata = {_FILE_METADATA_KEY: encode_header(header).decode()}
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={_FILE_METADATA_KEY: json.dumps(header)})
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
     log.info("saved context %r to %s: %.1f MB in %.2f s", state.context_id, path, Path(path).stat().st_size / 1e6,
              time.perf_counter() - started)
 
@@ -218,17 +300,15 @@ def read_file(path: str | os.PathLike[str], model: torch.nn.Module, tokenizer: P
             raw = (handle.metadata() or {}).get(_FILE_METADATA_KEY)
             if raw is None:
                 raise CheckpointError(f"{where}: a safetensors file, but not an hcmemory checkpoint")
-            header = json.loads(raw)
+            header = parse_header(raw, where)
             check_compatible(header, model, tokenizer, where)
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (safetensors.SafetensorError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: the checkpoint file is damaged or truncated ({exc}); "
-                              "restore it from a backup or save the context again") from exc
+    except safetensors.SafetensorError as exc:
+        raise damaged(where, f"the checkpoint file is damaged or truncated ({exc})") from exc
     manifest = header.get("tensors")
     if not isinstance(manifest, dict) or set(manifest) != set(tensors):
         raise CheckpointError(f"{where}: the file's tensors do not match its header")
     for name, tensor in tensors.items():
         if sha256(tensor_bytes(tensor)) != manifest[name].get("sha256"):
-            raise CheckpointError(f"{where}: tensor {name!r} is corrupted (sha256 mismatch); "
-                                  "restore it from a backup or save the context again")
+            raise damaged(where, f"tensor {name!r} is corrupted (sha256 mismatch)")
     return ContextState.from_header(header, tensors, where)

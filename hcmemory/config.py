@@ -34,7 +34,8 @@ def _fail(name: str, value: Any, expected: str) -> None:
     raise ValueError(f"HCConfig.{name}={value!r} is not valid; {expected}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (``True`` is an ``int`` to Python, never a count to hcmemory)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -162,7 +163,7 @@ class HCConfig:
                 "quant_group_size": (1, None)}
         for name, (low, high) in ints.items():
             value = getattr(self, name)
-            if not _is_int(value) or value < low or (high is not None and value > high):
+            if not is_int(value) or value < low or (high is not None and value > high):
                 _fail(name, value, f"expected an int in [{low}, {high}]" if high else f"expected an int >= {low}")
         for name in ("rescore", "rescore_residual", "residual_symmetric", "quant_rotation", "full_precision_window"):
             if not isinstance(getattr(self, name), bool):

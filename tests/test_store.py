@@ -13,18 +13,18 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 import safetensors.torch
-import sqlitedict
 import torch
 
 from hcmemory import HCConfig
-from hcmemory.checkpoint import FORMAT_VERSION, CheckpointError
+from hcmemory.checkpoint import FORMAT_VERSION, CheckpointError, fingerprints
 from hcmemory.context import HCContext
 from hcmemory.pool import ContextPool
-from hcmemory.store import CheckpointNotFoundError, ContextStore, _bytes_only
+from hcmemory.store import CheckpointNotFoundError, ContextStore
 
 from .conftest import tiny_model
 
@@ -32,7 +32,6 @@ DOC = ("The harbor office keeps its spare keys in the blue cabinet. The night fe
        "The vault code at the harbor office is 58213. The cafeteria closes at nine. ")
 PROBE = " The"
 ROOT = Path(__file__).resolve().parents[1]
-TABLE = "hcmemory"
 
 
 def make_context(model, tokenizer, config: str | HCConfig = "full", text: str = DOC, repeat: int = 3,
@@ -58,23 +57,41 @@ def same_stats(a, b) -> bool:
     return a.as_dict() | {"reserved_bytes": 0} == b.as_dict() | {"reserved_bytes": 0}
 
 
-def rows(path: Path) -> dict[str, bytes]:
-    """Every stored entry, read with plain sqlite3 (what a failed call must leave untouched)."""
+def rows(path: Path) -> dict[str, object]:
+    """Every stored row, read with plain sqlite3 (what a failed call must leave untouched)."""
     with sqlite3.connect(path) as conn:
-        return dict(conn.execute(f'SELECT key, value FROM "{TABLE}"').fetchall())
+        found = {f"checkpoint/{cid}/{tag}": (checkpoint_id, header) for cid, tag, checkpoint_id, header in
+                 conn.execute("SELECT context_id, tag, checkpoint_id, header FROM checkpoints")}
+        found.update((f"chunk/{checkpoint_id}/{seq}", data) for checkpoint_id, seq, data in
+                     conn.execute("SELECT checkpoint_id, seq, data FROM chunks"))
+    return found
 
 
-def chunk_keys(path: Path) -> list[str]:
-    return sorted(key for key in rows(path) if key.startswith("chunk/"))
+def chunk_keys(path: Path) -> list[tuple[str | None, str, int]]:
+    """(tag of the checkpoint it belongs to, or None for an orphan; checkpoint id; seq) of every chunk."""
+    with sqlite3.connect(path) as conn:
+        return sorted(conn.execute("SELECT c.tag, k.checkpoint_id, k.seq FROM chunks k "
+                                   "LEFT JOIN checkpoints c USING (checkpoint_id)"), key=str)
+
+
+def stored_header(path: Path) -> dict:
+    """The (only) header of a store, read with plain sqlite3."""
+    with sqlite3.connect(path) as conn:
+        (value,), = conn.execute("SELECT header FROM checkpoints").fetchall()
+    return json.loads(value)
 
 
 def rewrite_header(path: Path, change) -> None:
     """Edit the (only) header of a store in place, bypassing ContextStore."""
+    header = stored_header(path)
+    change(header)
+    set_header_text(path, json.dumps(header))
+
+
+def set_header_text(path: Path, text: str) -> None:
+    """Replace the (only) header of a store with ``text`` as it is, bypassing ContextStore."""
     with sqlite3.connect(path) as conn:
-        (key, value), = conn.execute(f'SELECT key, value FROM "{TABLE}" WHERE key LIKE \'meta/%\'').fetchall()
-        header = json.loads(value)
-        change(header)
-        conn.execute(f'UPDATE "{TABLE}" SET value = ? WHERE key = ?', (json.dumps(header).encode(), key))
+        conn.execute("UPDATE checkpoints SET header = ?", (text.encode(),))
 
 
 # --- exact round trips -----------------------------------------------------------------------
@@ -110,8 +127,7 @@ def test_many_small_chunks_round_trip(smollm2, tmp_path):
         tensors = len(ctx.cache.state()[0])
         keys = chunk_keys(path)
         assert len(keys) > 10 * tensors, "small chunks split every row store many times"
-        header = json.loads(next(v for k, v in rows(path).items() if k.startswith("meta/")))
-        for spec in header["tensors"].values():
+        for spec in stored_header(path)["tensors"].values():
             item = torch.empty((), dtype=getattr(torch, spec["dtype"])).element_size()
             row_bytes = torch.Size(spec["shape"]).numel() // max(spec["shape"][spec["dim"]], 1) * item
             assert all(c["rows"] * row_bytes <= max(chunk_bytes, row_bytes) for c in spec["chunks"])
@@ -138,12 +154,13 @@ def test_tags_replace_list_and_delete(smollm2, tmp_path):
         store.save(ctx, tag="v1")
         v1_logits = ctx.next_logits(PROBE)
         store.save(ctx)
-        v1_chunks = [key for key in chunk_keys(path) if "/v1/" in key]
-        old_latest = {key for key in chunk_keys(path) if "/latest/" in key}
+        v1_chunks = [key for key in chunk_keys(path) if key[0] == "v1"]
+        old_latest = {key[1:] for key in chunk_keys(path) if key[0] == "latest"}
         ctx.append(" The cafeteria opens at seven.")
         store.save(ctx)  # replaces "latest" and drops its old chunks, in one transaction
-        assert [key for key in chunk_keys(path) if "/v1/" in key] == v1_chunks
-        assert not old_latest & set(chunk_keys(path))
+        assert [key for key in chunk_keys(path) if key[0] == "v1"] == v1_chunks
+        assert not old_latest & {key[1:] for key in chunk_keys(path)}
+        assert None not in {key[0] for key in chunk_keys(path)}, "no orphan chunks"
         assert store.list() == ["notes"] and "notes" in store and "other" not in store
         assert sorted(c["tag"] for c in store.checkpoints("notes")) == ["latest", "v1"]
         assert store.load("notes", model, tokenizer).token_ids == ctx.token_ids
@@ -152,7 +169,7 @@ def test_tags_replace_list_and_delete(smollm2, tmp_path):
 
         store.delete("notes", "v1")
         assert [c["tag"] for c in store.checkpoints("notes")] == ["latest"]
-        assert all("/v1/" not in key for key in chunk_keys(path))
+        assert all(key[0] == "latest" for key in chunk_keys(path))
         with pytest.raises(CheckpointNotFoundError, match="tags are"):
             store.load("notes", model, tokenizer, tag="v1")
         store.delete("notes")
@@ -207,6 +224,7 @@ def test_newer_format_asks_to_upgrade(smollm2, tmp_path):
 
 
 def test_failed_save_leaves_the_previous_checkpoint(smollm2, tmp_path, monkeypatch):
+    """A save that fails halfway through its chunks changes nothing: the previous version loads, unchanged."""
     model, tokenizer = smollm2
     path = tmp_path / "store.sqlite"
     ctx = make_context(model, tokenizer, repeat=1)
@@ -216,20 +234,22 @@ def test_failed_save_leaves_the_previous_checkpoint(smollm2, tmp_path, monkeypat
         before = rows(path)
         saved_tokens = list(ctx.token_ids)
         ctx.append(" The cafeteria opens at seven.")
-        real_save, calls = safetensors.torch.save, []
+        real_sha256, calls = hashlib.sha256, []
 
-        def failing_save(tensors, metadata=None):
+        def failing_sha256(data=b""):
             calls.append(1)
             if len(calls) == 50:
                 raise OSError("disk full (simulated)")
-            return real_save(tensors, metadata)
+            return real_sha256(data)
 
-        monkeypatch.setattr("hcmemory.store.safetensors.torch.save", failing_save)
+        monkeypatch.setattr(hashlib, "sha256", failing_sha256)
         with pytest.raises(OSError, match="simulated"):
             store.save(ctx)
         monkeypatch.undo()
+        assert len(calls) == 50, "the failure landed among the chunks"
         assert rows(path) == before, "the failed save is rolled back entirely"
         loaded = store.load(ctx.context_id, model, tokenizer)
+        assert store.save(ctx) and store.load(ctx.context_id, model, tokenizer).token_ids == ctx.token_ids
     assert loaded.token_ids == saved_tokens
     torch.testing.assert_close(loaded.next_logits(PROBE), reference, atol=1e-5, rtol=0)
 
@@ -243,36 +263,29 @@ def test_corrupted_chunk_is_detected(smollm2, tmp_path):
     ctx = make_context(model, tokenizer, repeat=1)
     with ContextStore(path, chunk_bytes=64 * 1024) as store:
         store.save(ctx)
-    key = chunk_keys(path)[len(chunk_keys(path)) // 2]
-    value = bytearray(rows(path)[key])
-    value[-1] ^= 0xFF  # one flipped bit in the tensor data: still parses, wrong numbers
+    _, checkpoint_id, seq = chunk_keys(path)[len(chunk_keys(path)) // 2]
+    value = bytearray(rows(path)[f"chunk/{checkpoint_id}/{seq}"])
+    value[-1] ^= 0xFF  # one flipped bit in the tensor data: the right size, wrong numbers
     with sqlite3.connect(path) as conn:
-        conn.execute(f'UPDATE "{TABLE}" SET value = ? WHERE key = ?', (bytes(value), key))
+        conn.execute("UPDATE chunks SET data = ? WHERE checkpoint_id = ? AND seq = ?",
+                     (bytes(value), checkpoint_id, seq))
     with ContextStore(path) as store, pytest.raises(CheckpointError, match="corrupted"):
         store.load(ctx.context_id, model, tokenizer)
-    with sqlite3.connect(path) as conn:  # unparsable bytes with a matching sha: the parser must object
-        conn.execute(f'UPDATE "{TABLE}" SET value = ? WHERE key = ?', (b"not safetensors", key))
-    rewrite_header(path, lambda h: [c.update(sha256=hashlib.sha256(b"not safetensors").hexdigest())
-                                    for t in h["tensors"].values() for c in t["chunks"] if c["key"] == key])
-    with ContextStore(path) as store, pytest.raises(CheckpointError, match="cannot be parsed"):
+    longer = bytes(value) + b"extra"  # bytes of the wrong size with a matching sha: the size check must object
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE chunks SET data = ? WHERE checkpoint_id = ? AND seq = ?", (longer, checkpoint_id, seq))
+    rewrite_header(path, lambda h: [c.update(sha256=hashlib.sha256(longer).hexdigest())
+                                    for t in h["tensors"].values() for c in t["chunks"] if c["seq"] == seq])
+    with ContextStore(path) as store, pytest.raises(CheckpointError, match=f"chunk {seq} .* holds {len(longer)} bytes"):
         store.load(ctx.context_id, model, tokenizer)
-
-
-def test_truncated_store_is_detected(smollm2, tmp_path):
-    model, tokenizer = smollm2
-    path = tmp_path / "store.sqlite"
-    ctx = make_context(model, tokenizer, repeat=1)
-    with ContextStore(path) as store:
-        store.save(ctx)
-    with open(path, "r+b") as handle:
-        handle.truncate(path.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match="damaged|not a readable"):
-        with ContextStore(path) as store:
-            store.load(ctx.context_id, model, tokenizer)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM chunks WHERE checkpoint_id = ? AND seq = ?", (checkpoint_id, seq))
+    with ContextStore(path) as store, pytest.raises(CheckpointError, match=f"chunk {seq} .* is missing"):
+        store.load(ctx.context_id, model, tokenizer)
 
 
 KILLED_SAVE = textwrap.dedent("""
-    import sys, time
+    import hashlib, sys, time
     import safetensors.torch
     import torch
     from hcmemory import HCConfig, load_model
@@ -288,17 +301,16 @@ KILLED_SAVE = textwrap.dedent("""
     safetensors.torch.save_file({"logits": ctx.next_logits(" The"), "tokens": torch.tensor(ctx.token_ids)},
                                 reference_path)
     ctx.append(doc * 3)
-    real_save, calls = safetensors.torch.save, []
+    real_sha256, calls = hashlib.sha256, []
 
-    def save_then_stall(tensors, metadata=None):
+    def hash_then_stall(data=b""):
         calls.append(1)
-        if len(calls) == 2000:  # well into the second save: thousands of chunks already queued
-            time.sleep(1.0)  # let sqlitedict's writer thread flush them into the file
+        if len(calls) == 2000:  # well into the second save: thousands of chunks already written
             print("saving", flush=True)
             time.sleep(600)
-        return real_save(tensors, metadata)
+        return real_sha256(data)
 
-    store_module.safetensors.torch.save = save_then_stall
+    hashlib.sha256 = hash_then_stall
     store.save(ctx)
 """)
 
@@ -311,8 +323,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(smollm2, tmp_path):
     try:
         line = child.stdout.readline()
         assert line.strip() == "saving", f"child failed: {line}{child.stderr.read()}"
-        journal = Path(f"{path}-journal")
-        assert journal.exists() and journal.stat().st_size > 0, "the kill must land inside the write transaction"
+        with sqlite3.connect(path, timeout=0) as probe, pytest.raises(sqlite3.OperationalError, match="locked"):
+            probe.execute("BEGIN IMMEDIATE")  # the kill must land inside the save's write transaction
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -324,11 +336,11 @@ def test_kill_during_save_keeps_the_previous_checkpoint(smollm2, tmp_path):
     with ContextStore(path) as store:
         (checkpoint,) = store.checkpoints("crash")
         loaded = store.load("crash", model, tokenizer)
-        header_chunks = {c["key"] for t in json.loads(rows(path)["meta/crash/latest"])["tensors"].values()
-                         for c in t["chunks"]}
+        header_chunks = {c["seq"] for t in stored_header(path)["tensors"].values() for c in t["chunks"]}
     assert loaded.token_ids == reference["tokens"].tolist() and checkpoint["tokens"] == len(loaded)
     torch.testing.assert_close(loaded.next_logits(PROBE), reference["logits"], atol=1e-5, rtol=0)
-    assert set(chunk_keys(path)) == header_chunks, "the interrupted save left no orphan chunks"
+    assert {(tag, seq) for tag, _, seq in chunk_keys(path)} == {("latest", seq) for seq in header_chunks}, \
+        "the interrupted save left no orphan chunks"
 
 
 # --- no pickle -------------------------------------------------------------------------------
@@ -352,18 +364,16 @@ def test_no_pickle_anywhere(smollm2, tmp_path, monkeypatch):
     path, file_path = tmp_path / "store.sqlite", tmp_path / "ctx.hcm"
     with ContextStore(path, chunk_bytes=64 * 1024) as store:
         store.save(ctx)
-        assert store._db.encode is _bytes_only and store._db.decode is _bytes_only
-        with pytest.raises(TypeError, match="bytes only"):
-            store._db["x"] = {"not": "bytes"}
+    assert stored_header(path)["context_id"] == ctx.context_id, "headers are plain JSON"
     ctx.save(file_path)
 
     def trap(*args, **kwargs):
         raise AssertionError("unpickling was attempted")
 
     for target in ("pickle.load", "pickle.loads", "pickle.Unpickler", "pickle._Unpickler", "pickle._loads",
-                   "sqlitedict.loads", "sqlitedict.decode", "torch.load"):
+                   "torch.load"):
         module, name = target.rsplit(".", 1)
-        monkeypatch.setattr({"pickle": pickle, "sqlitedict": sqlitedict, "torch": torch}[module], name, trap)
+        monkeypatch.setattr({"pickle": pickle, "torch": torch}[module], name, trap)
     with ContextStore(path) as store:
         loaded = store.load(ctx.context_id, model, tokenizer)
     assert_same_context(loaded, ctx, reference)
@@ -438,3 +448,91 @@ def test_pool_spills_least_recently_used_and_reloads_exactly(smollm2, tmp_path):
         pool.close()
         assert pool.live_ids == [] and store.list() == ["a", "b", "c"]
         assert "zzz" not in pool
+
+
+# --- the store file itself -------------------------------------------------------------------
+
+
+def test_concurrent_saves_from_threads(smollm2, tmp_path):
+    """Two threads saving into one store object, and two store objects on one file (two connections, as two
+    processes would have): every save lands whole and every checkpoint loads exactly."""
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    contexts = {name: make_context(model, tokenizer, repeat=1 + i, context_id=name) for i, name in enumerate("ab")}
+    references = {name: ctx.next_logits(PROBE) for name, ctx in contexts.items()}
+    errors: list[BaseException] = []
+    shared, second = ContextStore(path, chunk_bytes=8192), ContextStore(path, chunk_bytes=8192)
+
+    def saver(name: str, store: ContextStore) -> None:
+        try:
+            for round_ in range(6):
+                store.save(contexts[name], tag=f"t{round_ % 3}")
+                store.save(contexts[name])
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=saver, args=("a", shared)), threading.Thread(target=saver, args=("b", shared)),
+               threading.Thread(target=saver, args=("a", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+    second.close()
+    with shared:
+        assert sorted(shared.index()) == [(n, t) for n in "ab" for t in ("latest", "t0", "t1", "t2")]
+        for name, ctx in contexts.items():
+            for tag in ("latest", "t0", "t1", "t2"):
+                loaded = shared.load(name, model, tokenizer, tag=tag)
+                assert loaded.token_ids == ctx.token_ids
+                torch.testing.assert_close(loaded.next_logits(PROBE), references[name], atol=1e-5, rtol=0)
+    assert None not in {tag for tag, _, _ in chunk_keys(path)}, "no orphan chunks"
+
+
+def test_index_reads_headers_only_and_skips_damaged_entries(smollm2, tmp_path, caplog):
+    model, tokenizer = smollm2
+    path = tmp_path / "store.sqlite"
+    good = make_context(model, tokenizer, "h2o", repeat=1, context_id="good")
+    bad = make_context(model, tokenizer, repeat=1, context_id="bad")
+    with ContextStore(path) as store:
+        store.save(good)
+        store.save(good, tag="v1")
+        store.save(bad)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE checkpoints SET header = ? WHERE context_id = 'bad'", (b'{"format_version": 6, "tok',))
+    with ContextStore(path) as store:
+        with caplog.at_level("WARNING", logger="hcmemory.store"):
+            index = store.index()
+        assert sorted(index) == [("good", "latest"), ("good", "v1")]
+        assert "'bad'" in caplog.text and "damaged" in caplog.text
+        entry = index["good", "latest"]
+        assert entry.token_ids == tuple(good.token_ids) and entry.config == good.config.to_dict()
+        assert (entry.model_fingerprint, entry.tokenizer_fingerprint) == fingerprints(model, tokenizer)
+        assert entry.checkpoint_id in {c["id"] for c in store.checkpoints("good")}
+        assert list(store.index(tag="v1")) == [("good", "v1")]
+        with pytest.raises(AttributeError):
+            entry.token_ids = ()  # frozen: an index entry is a snapshot, not a handle
+
+
+@pytest.mark.core
+def test_an_earlier_store_layout_is_refused_with_the_way_to_migrate(tmp_path):
+    """Stores written through sqlitedict (one key/value table) are not read; the error says how to move them."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute('CREATE TABLE "hcmemory" (key TEXT PRIMARY KEY, value BLOB)')
+        conn.execute('INSERT INTO "hcmemory" VALUES (?, ?)', ("meta/a/latest", b"{}"))
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"earlier hcmemory.*save each one to a file.*HCContext\.load"):
+        ContextStore(path)
+    assert path.read_bytes() == before, "a refused file is not touched"
+
+
+@pytest.mark.core
+def test_a_newer_store_layout_asks_to_upgrade(tmp_path):
+    path = tmp_path / "store.sqlite"
+    ContextStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(CheckpointError, match="layout version 99 is newer.*upgrade hcmemory"):
+        ContextStore(path)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..files import HOME_ENV, atomic_path, cache_root, fsync_path
+from ..files import HOME_ENV, atomic_path, cache_root, fsync_path, make_private_dirs
 
 try:  # POSIX only; elsewhere two concurrent first runs may both convert (each still atomic).
     import fcntl
@@ -97,7 +97,7 @@ def ensure_default_model() -> Path:
         return target
     models_dir = target.parent
     try:
-        models_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(models_dir)
     except OSError as exc:
         raise RuntimeError(
             f"cannot create the model cache {str(models_dir)!r} ({exc}); set {HOME_ENV} to a "
