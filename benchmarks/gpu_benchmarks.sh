@@ -7,7 +7,7 @@
 # its torch, transformers and triton.  hcmemory is installed from this checkout in editable mode with
 # no dependencies and no build isolation (setuptools maps kernels/ and integrations/ to subpackages, as
 # in any install); pure-Python dependencies the machine lacks are put on PYTHONPATH from $VENDOR
-# (default .gpu/, e.g. a copy of sqlitedict.py).  Everything it writes goes to OUTDIR.
+# (default .gpu/, e.g. copies of simpleeval.py or llguidance).  Everything it writes goes to OUTDIR.
 set -u
 out=${1:?usage: benchmarks/gpu_benchmarks.sh OUTDIR [bench_gpu arguments...]}
 shift
@@ -17,10 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$out/device.txt"
 if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1; then
-  # no usable setuptools there: map the two folders by links instead (this changes the checkout, which on
-  # such a machine is a disposable copy)
-  echo "editable install failed ($(tail -1 "$out/install.log")); linking kernels/ and integrations/ instead"
-  ln -sfn ../kernels hcmemory/kernels && ln -sfn ../integrations hcmemory/integrations
+  # no usable setuptools there: run from the checkout (hcmemory.folders maps kernels/ and integrations/)
+  echo "editable install failed ($(tail -1 "$out/install.log")); running from the checkout instead"
   export PYTHONPATH="$PWD:$PYTHONPATH"
 fi
 python3 -c "import hcmemory.kernels, hcmemory.integrations" || exit 1
