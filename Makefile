@@ -30,7 +30,7 @@ NEW_VENV = test -x $(1)/bin/python || $(PY) -m venv $(1); \
 	$(call TORCH_FIRST,$(1))
 
 # The smoke set `make test-latest` runs on the newest releases: packaging, the quickstart, exactness
-# against transformers' own cache, and the context's life cycle.
+# against transformers' own cache, the context's life cycle and the server driven by its real clients.
 SMOKE := tests/test_packaging.py tests/test_cache_exact.py tests/test_context.py tests/test_serve.py "tests/test_examples.py::test_example_runs[quickstart.py]"
 
 .PHONY: venv venv-compat model demo test test-latest lock docs bench

@@ -19,11 +19,11 @@ from .context import ContextStats, HCContext  # noqa: E402
 from .glue import cache_kwarg  # noqa: E402
 from .guard import ContextBusyError  # noqa: E402
 from .models import load_model, model_fingerprint, tokenizer_fingerprint  # noqa: E402
-from .pool import ContextPool  # noqa: E402
+from .pool import ContextInUseError, ContextPool  # noqa: E402
 from .store import CheckpointNotFoundError, ContextStore  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["CacheStats", "CheckpointError", "CheckpointNotFoundError", "ContextBusyError", "ContextPool",
-           "ContextStats", "ContextStore", "HCCache", "HCConfig", "HCContext", "cache_kwarg", "load_model",
-           "model_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["CacheStats", "CheckpointError", "CheckpointNotFoundError", "ContextBusyError", "ContextInUseError",
+           "ContextPool", "ContextStats", "ContextStore", "HCCache", "HCConfig", "HCContext", "cache_kwarg",
+           "load_model", "model_fingerprint", "tokenizer_fingerprint"]

@@ -13,6 +13,7 @@ rebuilds a context around it without prefilling anything; ``checkpoint.py`` is t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from .cache import CacheStats, HCCache
 from .chat import ChatFormat
 from .checkpoint import ContextState, fingerprints, inconsistent, read_file, write_file
-from .config import HCConfig, coerce_config
+from .config import HCConfig, coerce_config, is_int
 from .decoding import Generation, GenerationInfo, Sampling, decode, stop_token_ids
 from .guard import CallGuard
 from .models import check_model, check_tokenizer
@@ -93,6 +94,11 @@ class HCContext:
         self._guard = CallGuard()
         self._closed: str | None = None
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` or a pool's spill released this context's state (any later call raises)."""
+        return self._closed is not None
+
     def _check_live(self) -> None:
         """Refuse to run on a closed context or on a cache someone changed behind this context's back."""
         if self._closed:
@@ -151,7 +157,7 @@ class HCContext:
         items = list(content)
         if items and all(isinstance(x, str) for x in items):
             return [t for text in items for t in self.tokenizer(text, add_special_tokens=False).input_ids], True
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        if all(is_int(x) for x in items):
             vocab = self.model.config.vocab_size
             bad = [x for x in items if not 0 <= x < vocab]
             if bad:
@@ -202,16 +208,18 @@ class HCContext:
         document plus a question — reusing the longest prefix this context already holds.
 
         Only the rest is prefilled; anything the context holds beyond the shared prefix is cropped
-        (inside the call's transaction, so a failed call changes nothing).  With ``commit`` the
+        (inside the call's transaction, so a failed call changes nothing).  The answer is the one a
+        fresh prefill of the prompt gives: where the state below the shared prefix was shaped by the
+        cropped tokens (``HCCache.exact_prefix``), prefilling starts earlier.  With ``commit`` the
         prompt and the answer become the context, so the next turn (history + answer + new
         message) is served from it.  The ``Generation`` reports ``tokens_reused`` and
         ``tokens_prefilled``.
         """
-        ids = self._prompt_ids(prompt)
         sampling = Sampling.of(max_new_tokens, temperature, stop, seed, timeout)
+        ids = self._prompt_ids(prompt, sampling.max_new_tokens)
         return Generation(lambda gen: self._run(gen, "generate", lambda: ids, sampling, commit, keep_turn=False))
 
-    def _prompt_ids(self, prompt: Sequence[int]) -> list[int]:
+    def _prompt_ids(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple, torch.Tensor)):
             raise TypeError(f"generate() takes the prompt as token ids (a list of ints), not {type(prompt).__name__}; "
                             "tokenize text with the context's tokenizer first")
@@ -224,7 +232,18 @@ class HCContext:
         if limit and len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's window of {limit}; shorten it "
                              "or use a bounded preset over appended text")
+        self._check_room(len(ids), max_new_tokens)
         return ids
+
+    def _check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse an answer that would cross the model's window: positions past it are not what the model
+        learned.  A context already past it (text appended under a bounded preset, warned about then) may
+        still answer; it is the crossing that would silently turn a good answer into a degraded one."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and prompt_tokens <= limit < prompt_tokens + max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens} after the prompt's {prompt_tokens} tokens runs past the "
+                             f"model's window of {limit} tokens; ask for at most {limit - prompt_tokens} new tokens "
+                             "or shorten the prompt")
 
     def _run(self, gen: GenerationInfo, call: str, prompt: Callable[[], list[int]], sampling: Sampling, commit: bool,
              keep_turn: bool) -> Iterator[str]:
@@ -233,7 +252,9 @@ class HCContext:
         try:
             self._check_live()
             ids = prompt()
-            common = min(_shared_prefix(self.token_ids, ids), len(ids) - 1)  # >= 1 token gives the logits
+            self._check_room(len(ids), sampling.max_new_tokens)
+            # >= 1 token is prefilled for the logits; from where the state stops being what a fresh prefill holds
+            common = self.cache.exact_prefix(min(_shared_prefix(self.token_ids, ids), len(ids) - 1))
             gen.context_id, gen.prompt_tokens = self.context_id, len(ids)
             gen.tokens_reused, gen.tokens_prefilled = common, len(ids) - common
             with self.cache.transaction(commit=commit):
@@ -289,23 +310,29 @@ class HCContext:
             self._check_live()
             twin = object.__new__(HCContext)
             twin._setup(self.model, self.tokenizer, self.config, context_id, self.cache.fork(), list(self.token_ids),
-                        self.tokens_prefilled, self.turn_open, self.metadata)
+                        self.tokens_prefilled, self.turn_open, copy.deepcopy(self.metadata))
             return twin
 
     def truncate(self, tokens: int) -> None:
-        """Forget everything after the first ``tokens`` tokens (exact for unbounded presets; a bounded
-        one keeps its kept rows before that point).  The chat framing restarts: the next text
-        appended or asked opens a new user turn."""
-        if not isinstance(tokens, int) or isinstance(tokens, bool):
+        """Forget everything after the first ``tokens`` tokens: the context is then exactly one that was
+        given only those tokens.  Where the state below that point was shaped by what came after it
+        (evicted rows, attention mass, trimmed 16-bit copies: ``HCCache.exact_prefix``), the tokens
+        from there on are prefilled again.  The chat framing restarts: the next text appended or
+        asked opens a new user turn."""
+        if not is_int(tokens):
             raise TypeError(f"tokens must be an int, not {type(tokens).__name__}")
         with self._guard.hold("truncate"):
             self._check_live()
             if not 0 <= tokens <= len(self.token_ids):
                 raise ValueError(f"tokens={tokens} is outside [0, {len(self.token_ids)}] for this context")
             if tokens < len(self.token_ids):
-                self.cache.crop(tokens)
+                exact = self.cache.exact_prefix(tokens)
+                with self.cache.transaction():
+                    self.cache.crop(exact)
+                    if exact < tokens:
+                        self._prefill(self.token_ids[exact:tokens])
                 del self.token_ids[tokens:]
-                self.tokens_prefilled = min(self.tokens_prefilled, tokens)
+                self.tokens_prefilled = min(self.tokens_prefilled, exact) + tokens - exact
                 self.turn_open = False
 
     def stats(self) -> ContextStats:
@@ -346,10 +373,12 @@ class HCContext:
     def spill(self, save: Callable[[ContextState], Any], blocking: bool = True) -> bool:
         """Hand the state to ``save`` and close this context, as one step no other call can
         interleave with (a pool spilling it to its store).  With ``blocking=False`` a context that
-        is in use is left alone and False returned."""
+        is in use is left alone and False returned; so is one closed already (nothing is left to save)."""
         if not self._guard.acquire("spill", blocking):
             return False
         try:
+            if self._closed:
+                return False
             save(self._copy_state())
             self._closed = "spilled to its store"
             self.cache.reset()

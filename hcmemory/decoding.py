@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from .config import is_int
 from .glue import cache_kwarg
 
 
@@ -32,7 +33,7 @@ class Sampling:
     """Seconds of decoding after which the answer ends where it is (``finish_reason="timeout"``)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+        if not is_int(self.max_new_tokens):
             raise TypeError(f"max_new_tokens must be an int, not {type(self.max_new_tokens).__name__}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
@@ -40,7 +41,7 @@ class Sampling:
             raise TypeError(f"temperature must be a number, not {type(self.temperature).__name__}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and not is_int(self.seed):
             raise TypeError(f"seed must be an int or None, not {type(self.seed).__name__}")
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not self.timeout > 0):

@@ -11,10 +11,13 @@ than the one that started it (LangChain runs async streams in a thread pool), an
 cannot be released by another thread.  So the owner is tracked here and updated whenever a
 stream resumes.
 
-Lock order, for everything in hcmemory: a ``ContextPool`` lock, then a ``ContextStore`` lock, then
-a context's guard — and the pool and the store never *wait* for a context while holding their
-own lock (they try it, or take the context's state before locking).  User code holding a context
-(inside a stream loop) may therefore call into the pool or the store without deadlocking.
+Lock order, for everything in hcmemory: a context's guard, then a ``ContextPool`` lock, then a
+``ContextStore`` lock.  The pool and the store never *wait* for a guard while holding their own
+lock: they only try it (the pool's memory cap skips a busy context), or wait for it first and
+lock inside it (``ContextPool.spill``/``close`` save from the context's own spill step, with the
+pool's and the store's locks taken under its guard), or copy the context's state before locking
+(``save``).  User code holding a context (inside a stream loop) may therefore call into the pool
+or the store, and another thread may spill that context meanwhile, without deadlocking.
 """
 
 from __future__ import annotations
