@@ -289,18 +289,10 @@ def coerce_config(config: "HCConfig | str | Mapping[str, Any] | None") -> HCConf
 _HC = dict(key_codec="vq", vq_centroids=256, vq_codebook="head", value_placement="host", value_codec="fp16",
            rescore=True, top_p=0.9, prefill_top_p=1.0)
 # prefill_top_p=1.0: a document's prefill reads every row exactly and selection starts with the
-# questions.  Measured on the eval tasks at 4K (single, multikey, qa; 17 questions; gap of full attention's
-# answer NLL per token vs full): selecting during prefill from 32 sampled queries +0.016, exact
-# prefill +0.003, every query voting +0.002 (but prefill at 0.4x DynamicCache), union of per-query
-# sets +0.003 (0.5x), top_p 0.99 +0.007, max aggregation +0.016, 256-row floor +0.017, a 256-token
-# window +0.015, oracle (exact-score) selection +0.026.  The loss was the prefill's selection: rows
-# a later question needs were never attended into the document's own hidden states.  Exact prefill
-# reads rows in place and runs at 0.8-1.0x DynamicCache (2-core CPU, 7.5K, interleaved runs);
-# raw cells in benchmarks/results/ablation-4k.
-# The paper's budgets with 8-bit codes: 256 centroids per (layer, KV head) on 2-dim sub-vectors
-# take the same bytes as its 4,096 centroids on 4-dim ones (12.5 % of fp16 KV), and on SmolLM2's
-# keys reconstruct better (relative error 0.095 vs 0.139), encode 6x and fit 60x faster, and the
-# codebooks are 1 KB per head instead of 32 KB.
+# questions: selecting during prefill lost the rows a later question needs, which were never attended
+# into the document's own hidden states.  256 centroids on 2-dim sub-vectors take the paper's 12.5 %
+# bytes with 8-bit codes and reconstruct SmolLM2's keys better than 4,096 on 4-dim ones.  The
+# measurements behind both: docs/DESIGN-NOTES.md ("Why the presets are what they are").
 
 PRESETS: dict[str, dict[str, Any]] = {
     # identity: what transformers' DynamicCache computes
@@ -310,38 +302,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hc-12.5": {**_HC, "vq_subvector_dim": 2},
     "hc-12.5-bounded": {**_HC, "vq_subvector_dim": 2, "eviction": "mean", "budget": 4096},
     # everything kept at 35-38 % of an fp16 cache in total: 4-dim sub-vector codes next to the model
-    # (6.5 %), int4 channel-normalised residuals of the keys (what the codes miss) for re-scoring and
-    # int4 per-token values on the host, each int4 row quantized as one group of 64 channels, and
-    # 16-bit copies of the sinks and the last 64 rows.
-    # Measured (eval multikey, 2K+4K, NLL gap per token vs full): int8 keys + int4 values 56 % total,
-    # +0.021; int4 + int4 with 2-dim codes 44 %, +0.055; with 4-dim codes 38 %, +0.056 (the codes
-    # only select; the key precision sets the gap); int2 keys +2.4, int2 values +0.34.  At 7.5K int4
-    # keys lost answers (multikey, multivalue, qa: gap +0.13/+0.14/+0.19); int4 residuals of the same
-    # bytes: +0.044/+0.039/+0.011.  Groups of 64 instead of 32 (35 % instead of 38 % in total), on all
-    # 102 eval questions: the same answers within the noise (+0.1 [-4.7, +5.0] points paired), NLL gap
-    # +0.036 vs +0.027.  Below that, at int4 caches' 31 %, every way tried loses: int2 residuals
-    # (-12.3 points vs full) or 8-dim codes (-4.7), as docs/RESULTS.md shows; int3 residuals or int3
-    # values nearly double the NLL gap on held-out 6K text (+0.090 / +0.079 vs +0.044, 8 questions).
-    # Rotated rows (quant_rotation) with int3 values and centred int4 residuals (residual_symmetric)
-    # reach 30.8 %: on the grid (102 questions) -3.5 points and +0.004 nats/token vs compact, level with
-    # kivi-4 without its residual (+0.0 points, -0.092) and quanto int4 (-0.6, +0.007) at 31.3 %, so
-    # not made the preset.
-    # quanto int4 with groups of 32 (37.5 %) was ahead of that compact (+1.3 points, NLL gap -0.024).
-    # 16-bit copies of the rows read exactly (full_precision_window: the chunk, the sinks and the recent
-    # window no longer read int4 rows) cut the NLL gap 0.036 -> 0.010 (paired -0.026 [-0.033, -0.019]
-    # nats/token over 102 questions; accuracy +0.7 [-2.9, +4.5] points) for 38 / 36 / 35 % in total at
-    # 2K / 4K / 7.5K: level with quanto int4 in groups of 32 at 37.5 % (-0.6 [-5.3, +3.8] points,
-    # -0.002 [-0.007, +0.004] nats), ahead of quanto int4 at 31 % on the NLL gap (-0.023), level with the
-    # faithful kivi-4 at 33 % (one-pass prefill, full-precision residual: -0.2 [-5.5, +4.9] points, -0.007
-    # [-0.016, +0.001] nats; the kivi-4 without the residual: -0.123).  Rotated rows on top changed
-    # nothing measurable (-2.7 [-8.1, +2.3] points, +0.001 [-0.003, +0.004] nats) for a transform on
-    # every read, so they stay off.  With the copies, rotated rows with int3 values and centred int3 key
-    # residuals (29.6 %) are level with quanto int4 at 31.3 %
-    # (102 questions: +0.7 points, -0.000 nats), behind the faithful kivi-4 at 33.2 % on the NLL gap
-    # (+0.016) and behind compact (-2.9, +0.023): not a preset.  At kivi-4's bytes without giving up int4
-    # values, centred int3 key residuals alone (32.7 %, 102 questions) lost to compact by -2.7 [-6.7, +0.5]
-    # points and +0.028 [+0.020, +0.037] nats and to kivi-4 by +0.021 [+0.010, +0.032] nats: the
-    # re-scoring keys need their int4 residuals, and below compact's bytes nothing tried holds.
+    # (6.5 %) only select; int4 residuals of the keys (what the codes miss) re-score, int4 values sit on
+    # the host (one group of 64 channels per row), and the rows read exactly (sinks, the last 64 rows,
+    # the chunk) keep 16-bit copies.  The key precision, not the codes, sets the accuracy; every layout
+    # tried below these bytes lost (docs/DESIGN-NOTES.md).
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
                 "value_codec": "int4", "quant_group_size": 64, "full_precision_window": True},
     # classic policies in the same frame
