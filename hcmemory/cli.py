@@ -41,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
     s.add_argument("--preset", default=None, help="how conversations store their KV state (default: hc-12.5)")
-    s.add_argument("--store", default=None, help="directory of the tenants' SQLite stores "
-                                                 "(default: serve/ under the cache root)")
+    s.add_argument("--store", default=None, help="directory of the tenants' SQLite stores (default: serve/ under the "
+                                                 "cache root); with --ray, the store every replica shares")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY[,KEY...]",
                    help="accept this bearer key (repeatable or comma-separated); each key is its own tenant")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted")
+    s.add_argument("--ray", action="store_true", help="serve with model replicas on Ray Serve, routed by x-session-id "
+                                                      "(needs hcmemory[ray]; docs/serving.md)")
+    s.add_argument("--replicas", type=int, default=2, help="with --ray: how many model replicas (default 2)")
+    s.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per model replica")
+    s.add_argument("--ray-address", default=None, help="with --ray: join this Ray cluster (e.g. auto) instead of "
+                                                       "starting one in this process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
@@ -68,11 +74,22 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = {"host": args.host, "port": args.port, "model": args.model, "preset": args.preset, "store": args.store,
              "max_tokens_limit": args.max_tokens_limit, "max_body_bytes": args.max_body_bytes,
              "api_keys": tuple(key for value in args.api_key for key in value.split(",") if key.strip())}
+    if not args.ray and (args.replicas != 2 or args.replica_cpus != 1.0 or args.ray_address):
+        parser.error("--replicas, --replica-cpus and --ray-address need --ray")
     try:
         settings = ServeSettings(**{name: value for name, value in given.items() if value is not None})
     except ValueError as exc:
         parser.error(str(exc))
-    serve(settings)
+    if not args.ray:
+        serve(settings)
+        return 0
+    try:
+        from .serve import cluster  # Ray is an extra of its own
+    except ImportError as exc:
+        parser.error(f"--ray needs Ray Serve: pip install 'hcmemory[ray]' ({exc})")
+    if args.replicas < 1 or args.replica_cpus <= 0:
+        parser.error("--replicas must be >= 1 and --replica-cpus > 0")
+    cluster.run(settings, args.replicas, args.replica_cpus, args.ray_address)
     return 0
 
 

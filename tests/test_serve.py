@@ -196,12 +196,15 @@ def test_tenants_never_share_memory(keyed_server):
     first_b, context_b = _ask(bob, [{"role": "user", "content": question.replace("ALPHAFOX", "BRAVOWOLF")}])
     assert first_b.usage.prompt_tokens_details.cached_tokens == 0
     # the same tenant again: its own document is reused
-    again, _ = _ask(alice, [{"role": "user", "content": question.replace("ALPHAFOX", "CHARLIEOWL")}])
+    again, context_again = _ask(alice, [{"role": "user", "content": question.replace("ALPHAFOX", "CHARLIEOWL")}])
     assert again.usage.prompt_tokens_details.cached_tokens > 300
 
     a_text = _context(keyed_server, context_a, authorization=f"Bearer {KEYS[0]}")["text"]
+    again_text = _context(keyed_server, context_again, authorization=f"Bearer {KEYS[0]}")["text"]
     b_text = _context(keyed_server, context_b, authorization=f"Bearer {KEYS[1]}")["text"]
-    assert "CHARLIEOWL" in a_text and "BRAVOWOLF" not in a_text
+    # reuse continues a copy-on-write fork: the first conversation is left as it was
+    assert "ALPHAFOX" in a_text and "CHARLIEOWL" not in a_text and "BRAVOWOLF" not in a_text
+    assert "CHARLIEOWL" in again_text and "BRAVOWOLF" not in again_text
     assert "BRAVOWOLF" in b_text and "ALPHAFOX" not in b_text and "CHARLIEOWL" not in b_text
     # a tenant cannot even name the other's context
     response = httpx.get(f"{keyed_server}/v1/contexts/{context_a}", headers={"authorization": f"Bearer {KEYS[1]}"})

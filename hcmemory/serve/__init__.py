@@ -1,7 +1,8 @@
 """``hcmemory serve``: an OpenAI-compatible HTTP server over the memory (FastAPI + uvicorn).
 
 Needs ``pip install 'hcmemory[serve]'``.  See docs/serving.md for the endpoints and the identity and
-tenancy rules.
+tenancy rules.  ``hcmemory.serve.cluster`` runs the same app as model replicas on Ray Serve
+(``pip install 'hcmemory[ray]'``); it is imported only when used, since Ray is an extra of its own.
 """
 
 try:

@@ -25,12 +25,13 @@ from .settings import ServeSettings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, replica_id: str | None = None) -> FastAPI:
+    """The app; ``replica_id`` names the Ray Serve replica it runs in (``cluster.py``), else None."""
     settings = settings or ServeSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server = await asyncio.to_thread(Server.start, settings)
+        server = await asyncio.to_thread(Server.start, settings, replica_id)
         app.state.server = server
         log.info("serving %s (preset %s) with stores in %s%s", server.model_id, settings.preset, settings.store,
                  "" if settings.api_keys else "; no API keys: tenants come from x-tenant-id")
@@ -38,7 +39,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             yield
         finally:
             app.state.server = None
-            await server.worker.close(server.tenants.close)
+            await server.close()
             log.info("saved the live contexts and closed")
 
     app = FastAPI(title="hcmemory", version="0.1.0", lifespan=lifespan,

@@ -65,6 +65,10 @@ def library_errors(param: str | None) -> Iterator[None]:
         raise APIError(404, str(exc), param, "context_not_found") from exc
     except CheckpointError as exc:
         raise APIError(500, f"a stored context could not be read: {exc}", param, "checkpoint_error") from exc
+    except OSError as exc:  # the store's database is unreachable (TimeoutError is an OSError too)
+        raise APIError(503, f"the context store is unreachable ({exc}); conversations live in this server's memory "
+                            "are still answered, this one needs its store: retry shortly", param,
+                       "store_unavailable") from exc
     except (ValueError, TypeError) as exc:
         code = "context_length_exceeded" if "window" in str(exc) else "invalid_value"
         raise APIError(400, str(exc), param, code) from exc

@@ -22,8 +22,8 @@ from fastapi import Request
 from ..decoding import GenerationInfo
 from .errors import APIError, error_body, library_errors
 from .schemas import PromptTokensDetails, Sampled, Usage
+from .server import Server
 from .settings import ServeSettings
-from .tenants import Tenants
 from .worker import Run
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,24 @@ def max_new_tokens(requested: int | None, settings: ServeSettings, name: str) ->
     return requested
 
 
-def generate(tenants: Tenants, turn: Turn, run: Run) -> None:
+def generate(server: Server, turn: Turn, run: Run) -> None:
     """On the model thread: answer ``turn`` from its tenant's pool, emitting pieces into ``run`` until the
-    answer ends or the run is cancelled (then the pool rolls the turn back and releases the context)."""
+    answer ends or the run is cancelled (then the pool rolls the turn back and releases the context).
+
+    A pinned conversation that is not live here but stored (spilled, or answered by another replica
+    before) is loaded first, timed apart from the prefill: ``x-restore-ms`` says what the load cost.
+    With per-turn checkpoints on, a pinned conversation is marked for its checkpoint afterwards."""
     if run.cancelled.is_set():
         return
+    tenants = server.tenants
     pool = tenants.pool(turn.tenant)
     with library_errors(turn.param):
-        generation = pool.generate(turn.prompt(), turn.context_id, max_new_tokens=turn.max_new_tokens,
+        prompt = turn.prompt()
+        if turn.context_id is not None and turn.context_id not in pool.live_ids and turn.context_id in pool:
+            started = time.perf_counter()
+            pool.get(turn.context_id)
+            run.headers["x-restore-ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
+        generation = pool.generate(prompt, turn.context_id, max_new_tokens=turn.max_new_tokens,
                                    temperature=turn.temperature, stop=turn.stop, seed=turn.seed)
     run.info = generation.info
     try:
@@ -102,6 +112,8 @@ def generate(tenants: Tenants, turn: Turn, run: Run) -> None:
                 break
     finally:
         generation.close()
+    if server.checkpointer is not None and turn.context_id is not None:
+        server.checkpointer.mark(turn.tenant, turn.context_id)
     tenants.enforce_cap(turn.tenant)
 
 

@@ -219,10 +219,20 @@ class Deleted(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = "ok"
+    """``degraded``: the last checkpoint write failed; answers still come from memory and writes are retried."""
     model: str
     preset: str
     open_tenants: int
     pending: int
     finished: int
     cancelled: int
+    replica_id: str | None = None
+    """The Ray Serve replica that answered (None for the single server)."""
+    checkpoints_pending: int = 0
+    """Conversations answered since their last checkpoint (per-turn checkpoints only)."""
+    checkpoints_written: int = 0
+    last_checkpoint_ms: float | None = None
+    """How long the last checkpoint write took."""
+    store_error: str | None = None
+    """Why the store is degraded."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import HCConfig
 from ..models import shared_model
+from ..checkpoint import ContextState
+from ..store import ContextStore
+from .checkpoints import Checkpointer
 from .settings import ServeSettings
 from .tenants import Tenants
 from .worker import ModelWorker
@@ -25,16 +29,35 @@ class Server:
     config: HCConfig
     worker: ModelWorker
     tenants: Tenants
+    replica_id: str | None = None
+    """This replica's id under Ray Serve (sent back as ``x-replica-id``); None for the single server."""
+    checkpointer: Checkpointer | None = None
+    """Saves pinned conversations after each turn (``settings.checkpoint_each_turn``)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def start(cls, settings: ServeSettings) -> "Server":
-        """Load the model (once per process) and open the store directory; blocking, so call it in a thread."""
+    def start(cls, settings: ServeSettings, replica_id: str | None = None) -> "Server":
+        """Load the model (once per process) and set up the tenants; blocking, so call it in a thread."""
         model, tokenizer = shared_model(settings.model)
         config = HCConfig.from_spec(settings.preset)
-        settings.store.mkdir(parents=True, exist_ok=True)
         tenants = Tenants(model, tokenizer, config, settings.store, settings.max_host_bytes, settings.max_open_tenants)
-        return cls(settings, model, tokenizer, config, ModelWorker(settings.max_pending), tenants)
+        server = cls(settings, model, tokenizer, config, ModelWorker(settings.max_pending), tenants, replica_id)
+        if settings.checkpoint_each_turn:
+            server.checkpointer = Checkpointer(server._snapshot, server.worker.background)
+        return server
+
+    async def close(self) -> None:
+        """End the checkpoint writer, let queued model calls finish, then save every live context."""
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.close)
+        await self.worker.close(self.tenants.close)
+
+    def _snapshot(self, tenant: str, context_id: str) -> tuple[ContextStore, ContextState] | None:
+        """On the model thread: a copy of a live context's state for the checkpoint writer."""
+        pool = self.tenants.live_pool(tenant)
+        if pool is None or pool.store is None or context_id not in pool.live_ids:
+            return None  # spilled (and saved by the spill), deleted, or its tenant closed (saving it)
+        return pool.store, pool.get(context_id).to_state()
 
     @property
     def model_id(self) -> str:

@@ -10,6 +10,7 @@ from ..config import HCConfig
 from ..engine import DEFAULT_MAX_HOST_BYTES, DEFAULT_PRESET
 from ..files import cache_root
 from ..models import DEFAULT_MODEL_NAME
+from .stores import check_location
 
 
 def default_store_dir() -> Path:
@@ -28,8 +29,8 @@ class ServeSettings:
     """A local Hugging Face model directory; None for the embedded SmolLM2-135M-Instruct."""
     preset: str = DEFAULT_PRESET
     """How new conversations store their KV state (a preset name or ``preset:field=value,...``)."""
-    store: Path = field(default_factory=default_store_dir)
-    """A directory holding one SQLite ``ContextStore`` per tenant."""
+    store: Path | str = field(default_factory=default_store_dir)
+    """A directory holding one SQLite ``ContextStore`` per tenant (``stores.open_store`` reads it)."""
     api_keys: tuple[str, ...] = ()
     """Bearer keys accepted; empty means no authentication and tenants named by ``x-tenant-id``."""
     max_tokens_limit: int = 2048
@@ -44,15 +45,16 @@ class ServeSettings:
     """Model calls queued or running at once; one more is refused with 429 (retry later)."""
     max_open_tenants: int = 64
     """Tenants whose pools stay open; the least recently used one beyond this is spilled and closed."""
+    checkpoint_each_turn: bool = False
+    """Save every pinned conversation to its store after each turn, on a thread of its own, after the
+    answer has gone out.  On for Ray replicas, whose conversations must survive the loss of their replica;
+    off for the single server, which saves on spill and on shutdown."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port!r} must be an int in [0, 65535] (0 picks a free port)")
         HCConfig.from_spec(self.preset)  # raises naming the known presets
-        object.__setattr__(self, "store", Path(self.store).expanduser())
-        if self.store.is_file():
-            raise ValueError(f"--store {self.store} is a file; pass a directory (one SQLite store per tenant is "
-                             "kept in it)")
+        object.__setattr__(self, "store", check_location(self.store))
         keys = tuple(k.strip() for k in self.api_keys)
         if any(not k for k in keys):
             raise ValueError("an API key is empty; pass non-empty keys, e.g. --api-key sk-one,sk-two")

@@ -1,4 +1,4 @@
-"""Tenants: one ``ContextPool`` and one SQLite ``ContextStore`` per tenant, sharing the model.
+"""Tenants: one ``ContextPool`` and one ``ContextStore`` (``stores.open_store``) per tenant, sharing the model.
 
 Why a pool per tenant rather than one pool with prefixed ids: the pool's prefix reuse looks at every
 context it knows, live or stored, so in a shared pool a stateless request from one tenant could be
@@ -16,7 +16,6 @@ tenants together fit ``max_host_bytes``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -26,24 +25,18 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import HCConfig
 from ..pool import ContextPool
-from ..store import ContextStore
+from .stores import open_store
 
 log = logging.getLogger(__name__)
-
-
-def store_file(directory: Path, tenant: str) -> Path:
-    """A tenant's store: named by a hash, so any tenant name (an API key included) is a safe file name
-    and no key is ever written to disk."""
-    return directory / f"tenant-{hashlib.sha256(tenant.encode()).hexdigest()[:32]}.sqlite"
 
 
 class Tenants:
     """The open tenants' pools, least recently used first."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: HCConfig,
-                 store_dir: Path, max_host_bytes: int, max_open: int) -> None:
+                 store: Path | str, max_host_bytes: int, max_open: int) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.store_dir, self.max_host_bytes, self.max_open = store_dir, max_host_bytes, max_open
+        self.store, self.max_host_bytes, self.max_open = store, max_host_bytes, max_open
         self._pools: OrderedDict[str, ContextPool] = OrderedDict()
 
     def pool(self, tenant: str) -> ContextPool:
@@ -54,20 +47,29 @@ class Tenants:
             return pool
         while len(self._pools) >= self.max_open:
             self._close(next(iter(self._pools)))
-        store = ContextStore(store_file(self.store_dir, tenant))
-        pool = ContextPool(self.model, self.tokenizer, store, self.max_host_bytes, self.config)
+        pool = ContextPool(self.model, self.tokenizer, open_store(self.store, tenant), self.max_host_bytes, self.config)
         self._pools[tenant] = pool
         return pool
 
     def enforce_cap(self, keep: str) -> None:
         """Spill least recently used contexts of the least recently used tenants until every tenant's live
-        contexts fit the cap together; ``keep``'s most recent context stays (it just answered)."""
+        contexts fit the cap together; ``keep``'s most recent context stays (it just answered).  A store that
+        cannot take a spill leaves the rest live, over the cap: serving goes on from memory until it is back."""
         for tenant, pool in list(self._pools.items()):
             ids = pool.live_ids[:-1] if tenant == keep else pool.live_ids
             for context_id in ids:
                 if self.live_bytes() <= self.max_host_bytes:
                     return
-                pool.spill(context_id)
+                try:
+                    pool.spill(context_id)
+                except OSError as exc:
+                    log.warning("cannot spill context %r of tenant %s: its store is unreachable (%s); live contexts "
+                                "stay over the memory cap until it is back", context_id, tenant, exc)
+                    return
+
+    def live_pool(self, tenant: str) -> ContextPool | None:
+        """The tenant's pool if it is open, without opening it (nothing of a closed tenant is live)."""
+        return self._pools.get(tenant)
 
     @property
     def open(self) -> int:
@@ -79,9 +81,14 @@ class Tenants:
         return sum(pool.live_bytes() for pool in self._pools.values())
 
     def close(self) -> None:
-        """Save every live context to its tenant's store and close them all."""
+        """Save every live context to its tenant's store and close them all.  A tenant whose store cannot
+        take them is logged and the others are still saved: one unreachable store loses only its own."""
         for tenant in list(self._pools):
-            self._close(tenant)
+            try:
+                self._close(tenant)
+            except OSError:
+                log.exception("could not save tenant %s's live contexts: its store is unreachable; the turns since "
+                              "their last checkpoint are lost", tenant)
 
     def _close(self, tenant: str) -> None:
         pool = self._pools.pop(tenant)

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -51,6 +51,8 @@ class Run:
         self._future: asyncio.Future[None] | None = None
         self.cancelled = threading.Event()
         self.info: GenerationInfo | None = None
+        self.headers: dict[str, str] = {}
+        """Response headers the job adds (set before its first piece, so a stream's headers carry them)."""
 
     def emit(self, piece: str) -> None:
         """Called on the model thread with each new piece of text."""
@@ -99,6 +101,12 @@ class ModelWorker:
 
         run._attach(self._submit(counted))
         return run
+
+    def background(self, job: Callable[[], T]) -> Future[T]:
+        """Queue ``job`` on the model thread from another thread (the checkpoint writer), behind the jobs
+        already queued; not counted against ``max_pending``, which bounds clients' calls.  Raises
+        ``RuntimeError`` once the thread has ended."""
+        return self._executor.submit(job)
 
     def _submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
         if self._closed:

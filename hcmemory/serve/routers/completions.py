@@ -23,6 +23,7 @@ from ..generation import (Turn, collect, completion_id, events, finish_reason, f
 from ..schemas import (ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage, ChatMessageOut, Completion,
                        CompletionChoice, CompletionRequest, ErrorResponse, ModelCard, ModelList, Sampled, Usage)
 from ..server import Server
+from ..worker import Run
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)],
                    responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)})
@@ -63,19 +64,23 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 async def _answer(request: Request, server: Server, turn: Turn, stream: bool, include_usage: bool,
                   shape: "_Shape") -> Any:
-    run = server.worker.stream(partial(generate, server.tenants, turn))
+    run = server.worker.stream(partial(generate, server, turn))
     if not stream:
         text = await collect(run, request)
         info = run.info or GenerationInfo()  # None only when the client left before the job started
-        return JSONResponse(shape.whole(text, info), headers=_context_header(info))
+        return JSONResponse(shape.whole(text, info), headers=_headers(run, info))
     first = await first_piece(run, request)
-    headers = _context_header(run.info or GenerationInfo())
+    headers = _headers(run, run.info or GenerationInfo())
     return StreamingResponse(events(run, first, shape.chunk, include_usage, shape.usage_chunk),
                              media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
 
-def _context_header(info: GenerationInfo) -> dict[str, str]:
-    return {"x-context-id": info.context_id} if info.context_id else {}
+def _headers(run: Run, info: GenerationInfo) -> dict[str, str]:
+    """``x-context-id`` (the context holding the conversation now), ``x-tokens-prefilled`` (prompt tokens
+    computed for this answer) and what the job added (``x-restore-ms`` when it loaded a stored context)."""
+    if not info.context_id:
+        return dict(run.headers)
+    return {"x-context-id": info.context_id, "x-tokens-prefilled": str(info.tokens_prefilled), **run.headers}
 
 
 class _Shape:
