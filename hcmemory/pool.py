@@ -452,14 +452,22 @@ class ContextPool:
 
     def _enforce_cap(self) -> None:
         """Spill least recently used contexts until under the cap; the most recent one always stays,
-        and a context in use (busy, or held by a generation) is skipped."""
+        a context in use (busy, or held by a generation) is skipped, and so is one the store cannot
+        take now (down or busy): a request is never refused because memory could not be spilled."""
         self._prune()
         sizes = {context_id: self._bytes(ctx) for context_id, ctx in self._live.items()}
         total = sum(sizes.values())
         for context_id, ctx in list(self._live.items())[:-1]:
             if total <= self.max_host_bytes:
                 break
-            if context_id not in self._in_use and self._spill(context_id, ctx, blocking=False):
+            if context_id in self._in_use:
+                continue
+            try:
+                spilled = self._spill(context_id, ctx, blocking=False)
+            except (OSError, TimeoutError) as exc:  # the store is down or busy: keep serving from memory
+                log.warning("could not spill context %r (%s); it stays live over the cap", context_id, exc)
+                continue
+            if spilled:
                 total -= sizes[context_id]
         if total > self.max_host_bytes:
             log.warning("live contexts hold %d bytes, over the pool cap of %d (the most recent one alone, or the "
