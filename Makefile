@@ -12,7 +12,7 @@ PY ?= python3
 VENV := .venv
 COMPAT := .venv-compat
 LATEST := .venv-latest
-MAIN_EXTRAS := dev,docs,serve,ray,langchain,llamaindex,agents
+MAIN_EXTRAS := dev,docs,serve,ray,postgres,langchain,llamaindex,agents
 COMPAT_EXTRAS := dev,bench,langchain
 # On a machine without an NVIDIA driver, torch is installed first and pinned, so the CPU build
 # is used (set TORCH_INDEX to e.g. https://download.pytorch.org/whl/cpu where PyPI's default

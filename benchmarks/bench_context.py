@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from hcmemory import HCContext, load_model
 from hcmemory.demo import demo_document
 from hcmemory.prefill import prefill
-from hcmemory.store import ContextStore
+from hcmemory.stores import ContextStore
 
 from .common import haystack_ids, print_table, write_results
 

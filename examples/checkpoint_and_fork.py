@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 
 from hcmemory import HCContext, load_model
-from hcmemory.store import ContextStore
+from hcmemory.stores import ContextStore
 
 model, tokenizer = load_model()
 ctx = HCContext(model, tokenizer, "hc-12.5", context_id="support-ticket-42")

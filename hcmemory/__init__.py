@@ -20,10 +20,10 @@ from .glue import cache_kwarg  # noqa: E402
 from .guard import ContextBusyError  # noqa: E402
 from .models import load_model, model_fingerprint, tokenizer_fingerprint  # noqa: E402
 from .pool import ContextInUseError, ContextPool  # noqa: E402
-from .store import CheckpointNotFoundError, ContextStore  # noqa: E402
+from .stores import CheckpointNotFoundError, ContextStore, SavedCheckpoint, StaleCheckpointError  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["CacheStats", "CheckpointError", "CheckpointNotFoundError", "ContextBusyError", "ContextInUseError",
            "ContextPool", "ContextStats", "ContextStore", "HCCache", "HCConfig", "HCContext", "cache_kwarg",
-           "load_model", "model_fingerprint", "tokenizer_fingerprint"]
+           "SavedCheckpoint", "StaleCheckpointError", "load_model", "model_fingerprint", "tokenizer_fingerprint"]

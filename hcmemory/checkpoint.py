@@ -6,7 +6,7 @@ back, and owns every check that can be made without building a cache: the format
 model and tokenizer fingerprints (checked before any tensor is read), the header's types, and its
 consistency (token ids vs tokens seen in every layer, prefilled counts).  The cache then checks
 the tensors against the configuration (``HCLayer.load_state``); a checkpoint that loads is
-consistent, not just intact.  Both stores use it: ``store.ContextStore`` (many contexts in SQLite)
+consistent, not just intact.  Both layouts use it: ``stores.ContextStore`` (many contexts in a database)
 and the one-file layout below (safetensors with the header in its metadata).
 
 No pickle anywhere: tensors are safetensors (or raw bytes described by the header), everything else JSON.
@@ -244,9 +244,6 @@ def parse_header(raw: bytes | str, where: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise damaged(where, "the checkpoint header is damaged (not a JSON object)")
     return header
-    steps = np.where(np.frombuffer(brackets, dtype=np.uint8) <= ord("["), 1, -1)  # "[" and "{" open
-    # ("[" is 0x5b, "{" 0x7b: compare against the closers instead)
-    return None
 
 
 def sha256(data: bytes | memoryview) -> str:

@@ -23,7 +23,7 @@ from .context import HCContext
 from .glue import cache_kwarg
 from .models import load_model
 from .prefill import prefill
-from .store import ContextStore
+from .stores import ContextStore
 
 DEMO_PRESET = "hc-12.5"
 DECODE_STEPS = 32

@@ -21,7 +21,7 @@ from .config import HCConfig, coerce_config
 from .decoding import Generation
 from .models import shared_model
 from .pool import ContextPool
-from .store import ContextStore
+from .stores import ContextStore
 
 DEFAULT_PRESET = "hc-12.5"
 DEFAULT_MAX_HOST_BYTES = 8 * 2**30

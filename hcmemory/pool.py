@@ -61,7 +61,7 @@ from .config import HCConfig, coerce_config
 from .context import HCContext, _shared_prefix, check_id
 from .decoding import Generation
 from .models import check_model, check_tokenizer
-from .store import DEFAULT_TAG, CheckpointNotFoundError, ContextStore
+from .stores import DEFAULT_TAG, CheckpointNotFoundError, ContextStore
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,8 @@ class ContextPool:
         """Answer a whole prompt from ``context_id``'s context, or, without an id, from a fork of the
         anonymous context that already holds most of it, or from a new one (see the module
         docstring); the prompt and the answer are committed to it.  ``sampling``:
-        ``max_new_tokens``, ``temperature``, ``stop``, ``seed``, ``timeout``.  The ``Generation``'s
+        ``max_new_tokens``, ``temperature``, ``stop``, ``seed``, ``timeout``, ``constraint`` (see
+        ``HCContext.generate``; compiled before anything in the pool changes).  The ``Generation``'s
         info reports ``context_id``, ``tokens_reused`` and ``tokens_prefilled``.  A rejected request
         raises before anything in the pool changes."""
         if context_id is not None:

@@ -40,7 +40,7 @@ from hcmemory.context import HCContext
 from hcmemory.decoding import GenerationInfo
 from hcmemory.engine import DEFAULT_MAX_HOST_BYTES, DEFAULT_PRESET, Engine, shared_engine
 from hcmemory.models import shared_model
-from hcmemory.store import ContextStore
+from hcmemory.stores import ContextStore
 
 log = logging.getLogger(__name__)
 _NODES_KEY = "llamaindex_nodes"

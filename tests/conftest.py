@@ -37,3 +37,19 @@ def smollm2():
 
     model, tokenizer = shared_model()
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the whole run (``postgres_server.py``).  One that cannot start fails the
+    test with the reason and the server's log: a database test that silently skipped would prove nothing."""
+    from .postgres_server import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+    except Exception as exc:  # initdb/pg_ctl missing or failing: the message carries their output
+        server.remove()
+        pytest.fail(f"the test PostgreSQL server could not start: {exc}", pytrace=False)
+    yield server
+    server.remove()

@@ -13,7 +13,7 @@ import safetensors.torch
 from hcmemory.checkpoint import MAX_HEADER_BYTES, MAX_HEADER_DEPTH, CheckpointError
 from hcmemory.context import HCContext
 from hcmemory.files import HOME_ENV, atomic_path, cache_root
-from hcmemory.store import ContextStore
+from hcmemory.stores import ContextStore
 
 from .test_store import make_context, rewrite_header, rows, set_header_text
 

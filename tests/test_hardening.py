@@ -24,7 +24,7 @@ from hcmemory.layer import HCLayer
 from hcmemory.pool import ContextPool
 from hcmemory.prefill import prefill
 from hcmemory.rows import RowBuffer
-from hcmemory.store import ContextStore
+from hcmemory.stores import ContextStore
 
 from .conftest import tiny_model
 from .test_cache_exact import assert_close, random_ids, run

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import safetensors.torch
@@ -24,7 +25,8 @@ from hcmemory import HCConfig
 from hcmemory.checkpoint import FORMAT_VERSION, CheckpointError, fingerprints
 from hcmemory.context import HCContext
 from hcmemory.pool import ContextPool
-from hcmemory.store import CheckpointNotFoundError, ContextStore
+from hcmemory.stores import CheckpointNotFoundError, ContextStore
+from hcmemory.stores import redacted, sqlite as sqlite_backend
 
 from .conftest import tiny_model
 
@@ -60,18 +62,36 @@ def same_stats(a, b) -> bool:
 def rows(path: Path) -> dict[str, object]:
     """Every stored row, read with plain sqlite3 (what a failed call must leave untouched)."""
     with sqlite3.connect(path) as conn:
-        found = {f"checkpoint/{cid}/{tag}": (checkpoint_id, header) for cid, tag, checkpoint_id, header in
-                 conn.execute("SELECT context_id, tag, checkpoint_id, header FROM checkpoints")}
-        found.update((f"chunk/{checkpoint_id}/{seq}", data) for checkpoint_id, seq, data in
-                     conn.execute("SELECT checkpoint_id, seq, data FROM chunks"))
+        found = {f"checkpoint/{ns}/{cid}/{tag}": rest for ns, cid, tag, *rest in
+                 conn.execute("SELECT namespace, context_id, tag, checkpoint_id, version, header FROM checkpoints")}
+        found.update((f"ref/{checkpoint_id}/{seq}", sha) for checkpoint_id, seq, sha in
+                     conn.execute("SELECT checkpoint_id, seq, sha256 FROM checkpoint_chunks"))
+        found.update((f"chunk/{ns}/{sha}", data) for ns, sha, data in
+                     conn.execute("SELECT namespace, sha256, data FROM chunks"))
+        found["version_counter"] = conn.execute("SELECT last FROM version_counter").fetchall()
     return found
 
 
 def chunk_keys(path: Path) -> list[tuple[str | None, str, int]]:
-    """(tag of the checkpoint it belongs to, or None for an orphan; checkpoint id; seq) of every chunk."""
+    """(tag of the checkpoint it belongs to, or None when that checkpoint is gone; checkpoint id; seq) of
+    every chunk reference."""
     with sqlite3.connect(path) as conn:
-        return sorted(conn.execute("SELECT c.tag, k.checkpoint_id, k.seq FROM chunks k "
+        return sorted(conn.execute("SELECT c.tag, k.checkpoint_id, k.seq FROM checkpoint_chunks k "
                                    "LEFT JOIN checkpoints c USING (checkpoint_id)"), key=str)
+
+
+def orphans(path: Path) -> list[str]:
+    """Chunks no checkpoint references (a collection that was missed)."""
+    with sqlite3.connect(path) as conn:
+        return [row[0] for row in conn.execute("SELECT sha256 FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM "
+                                               "checkpoint_chunks k WHERE k.sha256 = c.sha256)")]
+
+
+def chunk_sha(path: Path, checkpoint_id: str, seq: int) -> str:
+    with sqlite3.connect(path) as conn:
+        (sha,), = conn.execute("SELECT sha256 FROM checkpoint_chunks WHERE checkpoint_id = ? AND seq = ?",
+                               (checkpoint_id, seq)).fetchall()
+    return sha
 
 
 def stored_header(path: Path) -> dict:
@@ -106,9 +126,9 @@ def test_save_load_round_trip_is_exact(smollm2, tmp_path, preset):
         assert ctx.stats().tokens_kept < ctx.stats().tokens_seen * ctx.stats().layers, "eviction must have run"
     reference = ctx.next_logits(PROBE)
     with ContextStore(tmp_path / "store.sqlite", chunk_bytes=256 * 1024) as store:
-        checkpoint_id = store.save(ctx)
+        saved = store.save(ctx)
         loaded = store.load(ctx.context_id, model, tokenizer)
-        assert store.checkpoints(ctx.context_id)[0]["id"] == checkpoint_id
+        assert store.checkpoints(ctx.context_id)[0]["id"] == saved.checkpoint_id
     assert_same_context(loaded, ctx, reference)
     assert loaded.stats().tokens_prefilled == ctx.stats().tokens_prefilled
     # the restored context keeps working like the original
@@ -160,7 +180,7 @@ def test_tags_replace_list_and_delete(smollm2, tmp_path):
         store.save(ctx)  # replaces "latest" and drops its old chunks, in one transaction
         assert [key for key in chunk_keys(path) if key[0] == "v1"] == v1_chunks
         assert not old_latest & {key[1:] for key in chunk_keys(path)}
-        assert None not in {key[0] for key in chunk_keys(path)}, "no orphan chunks"
+        assert None not in {key[0] for key in chunk_keys(path)} and orphans(path) == [], "no orphan chunks"
         assert store.list() == ["notes"] and "notes" in store and "other" not in store
         assert sorted(c["tag"] for c in store.checkpoints("notes")) == ["latest", "v1"]
         assert store.load("notes", model, tokenizer).token_ids == ctx.token_ids
@@ -169,11 +189,11 @@ def test_tags_replace_list_and_delete(smollm2, tmp_path):
 
         store.delete("notes", "v1")
         assert [c["tag"] for c in store.checkpoints("notes")] == ["latest"]
-        assert all(key[0] == "latest" for key in chunk_keys(path))
+        assert all(key[0] == "latest" for key in chunk_keys(path)) and orphans(path) == []
         with pytest.raises(CheckpointNotFoundError, match="tags are"):
             store.load("notes", model, tokenizer, tag="v1")
         store.delete("notes")
-        assert store.list() == [] and chunk_keys(path) == []
+        assert store.list() == [] and chunk_keys(path) == [] and orphans(path) == []
         with pytest.raises(CheckpointNotFoundError, match="empty"):
             store.delete("notes")
 
@@ -264,22 +284,25 @@ def test_corrupted_chunk_is_detected(smollm2, tmp_path):
     with ContextStore(path, chunk_bytes=64 * 1024) as store:
         store.save(ctx)
     _, checkpoint_id, seq = chunk_keys(path)[len(chunk_keys(path)) // 2]
-    value = bytearray(rows(path)[f"chunk/{checkpoint_id}/{seq}"])
+    sha = chunk_sha(path, checkpoint_id, seq)
+    original = rows(path)[f"chunk//{sha}"]
+    value = bytearray(original)
     value[-1] ^= 0xFF  # one flipped bit in the tensor data: the right size, wrong numbers
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE chunks SET data = ? WHERE checkpoint_id = ? AND seq = ?",
-                     (bytes(value), checkpoint_id, seq))
+        conn.execute("UPDATE chunks SET data = ? WHERE sha256 = ?", (bytes(value), sha))
     with ContextStore(path) as store, pytest.raises(CheckpointError, match="corrupted"):
         store.load(ctx.context_id, model, tokenizer)
     longer = bytes(value) + b"extra"  # bytes of the wrong size with a matching sha: the size check must object
+    # (identical chunks are stored once, so the first to object may be another seq sharing those bytes)
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE chunks SET data = ? WHERE checkpoint_id = ? AND seq = ?", (longer, checkpoint_id, seq))
+        conn.execute("UPDATE chunks SET data = ? WHERE sha256 = ?", (longer, sha))
     rewrite_header(path, lambda h: [c.update(sha256=hashlib.sha256(longer).hexdigest())
                                     for t in h["tensors"].values() for c in t["chunks"] if c["seq"] == seq])
-    with ContextStore(path) as store, pytest.raises(CheckpointError, match=f"chunk {seq} .* holds {len(longer)} bytes"):
+    with ContextStore(path) as store, pytest.raises(CheckpointError, match=f"chunk \\d+ .* holds {len(longer)} bytes"):
         store.load(ctx.context_id, model, tokenizer)
     with sqlite3.connect(path) as conn:
-        conn.execute("DELETE FROM chunks WHERE checkpoint_id = ? AND seq = ?", (checkpoint_id, seq))
+        conn.execute("UPDATE chunks SET data = ? WHERE sha256 = ?", (original, sha))
+        conn.execute("DELETE FROM checkpoint_chunks WHERE checkpoint_id = ? AND seq = ?", (checkpoint_id, seq))
     with ContextStore(path) as store, pytest.raises(CheckpointError, match=f"chunk {seq} .* is missing"):
         store.load(ctx.context_id, model, tokenizer)
 
@@ -290,7 +313,7 @@ KILLED_SAVE = textwrap.dedent("""
     import torch
     from hcmemory import HCConfig, load_model
     from hcmemory.context import HCContext
-    from hcmemory import store as store_module
+    from hcmemory import stores as store_module
 
     path, reference_path, doc = sys.argv[1], sys.argv[2], sys.argv[3]
     model, tokenizer = load_model()
@@ -341,6 +364,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(smollm2, tmp_path):
     torch.testing.assert_close(loaded.next_logits(PROBE), reference["logits"], atol=1e-5, rtol=0)
     assert {(tag, seq) for tag, _, seq in chunk_keys(path)} == {("latest", seq) for seq in header_chunks}, \
         "the interrupted save left no orphan chunks"
+    assert orphans(path) == []
 
 
 # --- no pickle -------------------------------------------------------------------------------
@@ -349,7 +373,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(smollm2, tmp_path):
 def test_no_pickle_anywhere(smollm2, tmp_path, monkeypatch):
     """Statically: the persistence modules never import pickle nor call torch.load; at run time: loading
     works with every unpickling entry point booby-trapped."""
-    for module in ("store.py", "checkpoint.py", "calibration.py"):
+    modules = ["checkpoint.py", "calibration.py"] + [f"stores/{p.name}" for p in
+                                                                 (ROOT / "hcmemory" / "stores").glob("*.py")]
+    for module in modules:
         tree = ast.parse((ROOT / "hcmemory" / module).read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                     for alias in node.names} | {node.module for node in ast.walk(tree)
@@ -487,7 +513,7 @@ def test_concurrent_saves_from_threads(smollm2, tmp_path):
                 loaded = shared.load(name, model, tokenizer, tag=tag)
                 assert loaded.token_ids == ctx.token_ids
                 torch.testing.assert_close(loaded.next_logits(PROBE), references[name], atol=1e-5, rtol=0)
-    assert None not in {tag for tag, _, _ in chunk_keys(path)}, "no orphan chunks"
+    assert None not in {tag for tag, _, _ in chunk_keys(path)} and orphans(path) == [], "no orphan chunks"
 
 
 def test_index_reads_headers_only_and_skips_damaged_entries(smollm2, tmp_path, caplog):
@@ -502,7 +528,7 @@ def test_index_reads_headers_only_and_skips_damaged_entries(smollm2, tmp_path, c
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE checkpoints SET header = ? WHERE context_id = 'bad'", (b'{"format_version": 6, "tok',))
     with ContextStore(path) as store:
-        with caplog.at_level("WARNING", logger="hcmemory.store"):
+        with caplog.at_level("WARNING", logger="hcmemory.stores.context_store"):
             index = store.index()
         assert sorted(index) == [("good", "latest"), ("good", "v1")]
         assert "'bad'" in caplog.text and "damaged" in caplog.text
@@ -515,17 +541,129 @@ def test_index_reads_headers_only_and_skips_damaged_entries(smollm2, tmp_path, c
             entry.token_ids = ()  # frozen: an index entry is a snapshot, not a handle
 
 
+def write_legacy_store(path: Path, ctx: HCContext) -> None:
+    """A store as hcmemory wrote it through sqlitedict: one key/value table, a JSON header under
+    ``meta/<id>/<tag>`` and each row chunk as a one-tensor safetensors blob under the key its manifest names."""
+    state, checkpoint_id = ctx.to_state(), "0" * 32
+    header, manifest, index = state.header("latest", checkpoint_id), {}, 0
+    with sqlite3.connect(path) as conn:
+        conn.execute('CREATE TABLE "hcmemory" (key TEXT PRIMARY KEY, value BLOB)')
+        for name, tensor in state.tensors.items():
+            dim = 1 if tensor.dim() >= 2 else 0
+            pieces = [tensor] if tensor.dim() == 0 or tensor.numel() == 0 else list(tensor.split(7, dim))
+            chunks = []
+            for piece in pieces:
+                blob = safetensors.torch.save({"rows": piece.contiguous()})
+                key = f"chunk/{quote(ctx.context_id, safe='')}/latest/{checkpoint_id}/{index:08d}"
+                conn.execute('INSERT INTO "hcmemory" VALUES (?, ?)', (key, blob))
+                chunks.append({"key": key, "rows": int(piece.shape[dim]) if piece.dim() else 1, "bytes": len(blob),
+                               "sha256": hashlib.sha256(blob).hexdigest()})
+                index += 1
+            manifest[name] = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+                              "dim": dim, "chunks": chunks}
+        conn.execute('INSERT INTO "hcmemory" VALUES (?, ?)', (f"meta/{quote(ctx.context_id, safe='')}/latest",
+                                                             json.dumps({**header, "tensors": manifest}).encode()))
+
+
+def legacy_rows(path: Path) -> list[tuple[str, bytes]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute('SELECT key, value FROM "hcmemory" ORDER BY key').fetchall()
+
+
+def test_an_earlier_store_layout_is_converted_on_open_and_kept_as_a_copy(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    path = tmp_path / "old.sqlite"
+    ctx = make_context(model, tokenizer, "h2o", repeat=2, context_id="old conversation")
+    reference = ctx.next_logits(PROBE)
+    write_legacy_store(path, ctx)
+    original = legacy_rows(path)
+    with ContextStore(path) as store:
+        assert store.list() == ["old conversation"]
+        assert_same_context(store.load("old conversation", model, tokenizer), ctx, reference)
+        assert store.save(ctx).new_chunks == 0, "converted chunks are the store's own chunking of the same rows"
+    backup = tmp_path / "old.sqlite.v0.bak"
+    assert legacy_rows(backup) == original and backup.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(path) as conn:
+        assert "hcmemory" not in {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    with ContextStore(path) as store:  # converted once: opening again reads the new layout
+        assert store.load("old conversation", model, tokenizer).token_ids == ctx.token_ids
+
+
 @pytest.mark.core
-def test_an_earlier_store_layout_is_refused_with_the_way_to_migrate(tmp_path):
-    """Stores written through sqlitedict (one key/value table) are not read; the error says how to move them."""
+def test_an_earlier_store_that_cannot_be_converted_is_left_untouched(tmp_path):
+    """A damaged entry refuses the whole conversion: the file stays as it was and no copy is left behind."""
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
         conn.execute('CREATE TABLE "hcmemory" (key TEXT PRIMARY KEY, value BLOB)')
         conn.execute('INSERT INTO "hcmemory" VALUES (?, ?)', ("meta/a/latest", b"{}"))
     before = path.read_bytes()
-    with pytest.raises(CheckpointError, match=r"earlier hcmemory.*save each one to a file.*HCContext\.load"):
+    with pytest.raises(CheckpointError, match=r"meta/a/latest.*cannot be converted.*left as it was"):
         ContextStore(path)
-    assert path.read_bytes() == before, "a refused file is not touched"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.sqlite"]
+    (tmp_path / "old.sqlite.v0.bak").write_bytes(b"someone's copy")
+    with pytest.raises(CheckpointError, match=r"old.sqlite.v0.bak .* is in the way; move it away"):
+        ContextStore(path)
+    assert path.read_bytes() == before and (tmp_path / "old.sqlite.v0.bak").read_bytes() == b"someone's copy"
+
+
+def test_a_layout_1_store_migrates_into_the_namespace_it_is_opened_with(smollm2, tmp_path):
+    """Layout 1 (one namespace, chunks per checkpoint) is migrated on open, in one transaction; its
+    checkpoints land in the namespace the file is opened with, since the file held one namespace."""
+    model, tokenizer = smollm2
+    ctx = make_context(model, tokenizer, repeat=1, context_id="kept")
+    reference = ctx.next_logits(PROBE)
+    with ContextStore(tmp_path / "new.sqlite", chunk_bytes=8192) as store:
+        store.save(ctx)
+    with sqlite3.connect(tmp_path / "new.sqlite") as new:
+        (checkpoint_id, header), = new.execute("SELECT checkpoint_id, header FROM checkpoints").fetchall()
+        chunks = new.execute("SELECT k.seq, c.data FROM checkpoint_chunks k JOIN chunks c USING (namespace, sha256)"
+                             ).fetchall()
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as conn:
+        for statement in sqlite_backend.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO checkpoints VALUES ('kept', 'latest', ?, ?)", (checkpoint_id, header))
+        conn.executemany("INSERT INTO chunks VALUES (?, ?, ?)", [(checkpoint_id, seq, data) for seq, data in chunks])
+        conn.execute(f"PRAGMA application_id = {sqlite_backend._APPLICATION_ID}")
+        conn.execute("PRAGMA user_version = 1")
+    with ContextStore(path, namespace="tenant", chunk_bytes=8192) as store:
+        loaded, version = store.load_versioned("kept", model, tokenizer)
+        assert version >= 1 and store.save(ctx, expected_version=version).new_chunks == 0
+    assert_same_context(loaded, ctx, reference)
+    with ContextStore(path) as store:
+        assert store.list() == []
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_backend.SCHEMA_VERSION
+
+
+@pytest.mark.core
+def test_busy_and_disk_errors_are_told_apart_from_damage_without_error_codes(tmp_path):
+    """Python 3.10's sqlite3 errors carry no result code: the message decides, so a busy database is never
+    reported as damaged."""
+    for message, code in [("database is locked", 5), ("database table is locked", 6),
+                          ("database or disk is full", 13), ("attempt to write a readonly database", 8),
+                          ("file is not a database", 0)]:
+        assert sqlite_backend.primary_code(sqlite3.OperationalError(message)) == code
+    path = tmp_path / "store.sqlite"
+    ContextStore(path).close()
+    with sqlite3.connect(path) as holder, sqlite3.connect(path, timeout=0) as other:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError) as info:
+            other.execute("BEGIN IMMEDIATE")
+        holder.execute("ROLLBACK")
+    assert sqlite_backend.primary_code(info.value) == 5
+
+
+@pytest.mark.core
+def test_store_locations(tmp_path):
+    with ContextStore(f"sqlite:///{tmp_path}/url.sqlite", namespace="t") as store:
+        assert store.path == tmp_path / "url.sqlite" and store.list() == [] and "namespace='t'" in repr(store)
+    with pytest.raises(ValueError, match="redis:// stores are not supported"):
+        ContextStore("redis://localhost/0")
+    with pytest.raises(TypeError, match="namespace must be a string"):
+        ContextStore(tmp_path / "x.sqlite", namespace=None)
+    assert redacted("postgresql://app:pw@db:5432/mem?password=pw2&sslmode=require") == \
+        "postgresql://app:***@db:5432/mem?password=***&sslmode=require"
 
 
 @pytest.mark.core

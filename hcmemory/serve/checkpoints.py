@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..checkpoint import ContextState
-from ..store import DEFAULT_TAG, ContextStore
+from ..stores import DEFAULT_TAG, ContextStore
 
 log = logging.getLogger(__name__)
 

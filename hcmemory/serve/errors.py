@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import CheckpointError
-from ..store import CheckpointNotFoundError
+from ..stores import CheckpointNotFoundError
 
 log = logging.getLogger(__name__)
 

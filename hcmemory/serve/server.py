@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from ..config import HCConfig
 from ..models import shared_model
 from ..checkpoint import ContextState
-from ..store import ContextStore
+from ..stores import ContextStore
 from .checkpoints import Checkpointer
 from .settings import ServeSettings
 from .tenants import Tenants

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..store import ContextStore
+from ..stores import ContextStore
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 """Store locations given as database URLs rather than directories."""

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from ...config import HCConfig
 from ...context import HCContext
 from ...pool import ContextPool
-from ...store import ContextStore
+from ...stores import ContextStore
 from ..deps import CallerDep, ServerDep, get_caller
 from ..errors import APIError, library_errors
 from ..generation import collect, max_new_tokens, usage
