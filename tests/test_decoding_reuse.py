@@ -79,13 +79,25 @@ def test_chat_messages_are_rendered_as_text_and_other_blocks_refused():
 
 # --- prefix reuse -------------------------------------------------------------------------------
 
+@pytest.fixture
+def one_thread():
+    """Reuse and a fresh prefill run the same rows through forwards of different lengths; with several
+    threads the BLAS splits them differently, and the last-bit differences that leaves are amplified by
+    the quantizing presets (VQ codes flip): ~5e-3 on the logits at 2 threads.  On one thread the
+    arithmetic is the same, so these tests can ask for the same logits, not merely close ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FACT = "The vault code is 58213. "
 DETOUR = ("The ferry leaves at nine, the cafeteria closes on Sundays, and the lighthouse keeper, who "
           "has lived on the island for thirty years, repaints the stairs every spring before the storms. ")
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_a_reused_prefix_answers_exactly_as_a_fresh_prefill_of_the_same_prompt(smollm2, preset):
+def test_a_reused_prefix_answers_exactly_as_a_fresh_prefill_of_the_same_prompt(smollm2, preset, one_thread):
     model, tokenizer = smollm2
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     prompt = ids(FACT + "Question: what is the vault code? Answer:")
@@ -105,7 +117,7 @@ def test_a_reused_prefix_answers_exactly_as_a_fresh_prefill_of_the_same_prompt(s
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_truncate_leaves_exactly_a_context_that_stopped_there(smollm2, preset):
+def test_truncate_leaves_exactly_a_context_that_stopped_there(smollm2, preset, one_thread):
     model, tokenizer = smollm2
     ctx = HCContext(model, tokenizer, preset)
     ctx.append(FACT, raw=True)
