@@ -48,7 +48,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import llguidance
 import llguidance.hf
@@ -77,11 +77,12 @@ class IncompleteOutput(ValueError):
         self.text = text
 
 
-def _incomplete(text: str, what: str) -> IncompleteOutput:
+def _incomplete(text: str, what: str, reason: str = "length") -> IncompleteOutput:
     shown = text if len(text) <= 80 else text[:40] + " ... " + text[-35:]
+    remedy = "raise the timeout" if reason == "timeout" else "raise max_new_tokens"
     return IncompleteOutput(
-        f"the answer ended before the {what} was complete ({len(text)} characters: {shown!r}); raise "
-        "max_new_tokens, or bound the output in the schema (maxLength on strings, maxItems on arrays)", text)
+        f"the answer ended before the {what} was complete ({len(text)} characters: {shown!r}); {remedy}, "
+        "or bound the output in the schema (maxLength on strings, maxItems on arrays)", text)
 
 
 def _canonical_json(value: Any, where: str) -> str:
@@ -125,6 +126,9 @@ def _lark_string(text: str) -> str:
 class Constraint(ABC):
     """What an answer must look like.  Values are frozen and hashable: they are the cache key."""
 
+    what: ClassVar[str] = "answer"
+    """What the answer is, for messages: "the answer ended before the JSON value was complete"."""
+
     @abstractmethod
     def grammar(self) -> str:
         """The llguidance grammar (its JSON form) for this constraint; not checked here."""
@@ -137,6 +141,7 @@ class JsonSchema(Constraint):
     rather than ignored: an ignored keyword would let through answers the schema forbids."""
 
     schema: str
+    what: ClassVar[str] = "JSON value"
 
     def __init__(self, schema: Mapping[str, Any] | str | type) -> None:
         object.__setattr__(self, "schema", _schema_text(schema, "JsonSchema schema"))
@@ -149,7 +154,7 @@ class JsonSchema(Constraint):
         try:
             return json.loads(text)
         except json.JSONDecodeError:
-            raise _incomplete(text, "JSON value") from None
+            raise _incomplete(text, self.what) from None
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class Regex(Constraint):
     """Text fully matching ``pattern`` (Rust ``regex`` syntax: no look-around, no back-references)."""
 
     pattern: str
+    what: ClassVar[str] = "match of the regex"
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -179,6 +185,7 @@ class Choice(Constraint):
     """Exactly one of ``options`` (as written, no quotes added)."""
 
     options: tuple[str, ...]
+    what: ClassVar[str] = "choice"
 
     def __init__(self, options: Sequence[str]) -> None:
         if isinstance(options, str) or not isinstance(options, (list, tuple)):
@@ -223,6 +230,16 @@ class Tool:
         return cls(name, description, _schema_text(parameters, f"tool {name!r} parameters"))
 
 
+def _closed(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameter schema with no arguments beyond those it declares, unless it says otherwise
+    (``additionalProperties``): a tool receives only the parameters it names, so an extra key (the 135M
+    model adds ``"type": "integer"`` next to an integer, or copies the prompt's example arguments into
+    a tool that takes none) would fail at the tool."""
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
 def _tool_choice_name(tool_choice: str | Mapping[str, Any]) -> str:
     """``tool_choice`` as one word: auto, none, required, or a tool's name (``any`` is ``required``)."""
     if isinstance(tool_choice, Mapping):  # {"type": "function", "function": {"name": ...}}
@@ -249,12 +266,14 @@ class ToolCalls(Constraint):
     ``tool_choice``: ``"auto"`` plain text or calls, the model chooses (text may not begin with
     ``<tool_call>``, so every answer is one or the other, never a broken call); ``"any"`` or
     ``"required"`` at least one call; a tool's name (or ``{"type": "function", "function": {"name":
-    ...}}``) calls to that tool only; ``"none"`` plain text only.
+    ...}}``) calls to that tool only; ``"none"`` plain text only.  A call's arguments are those its
+    tool declares, no others, unless its schema sets ``additionalProperties``.
     """
 
     tools: tuple[Tool, ...]
     tool_choice: str = "auto"
     parallel: bool = True
+    what: ClassVar[str] = "tool call"
 
     def __init__(self, tools: Sequence[Mapping[str, Any] | Tool], tool_choice: str | Mapping[str, Any] = "auto",
                  parallel: bool = True) -> None:
@@ -280,7 +299,7 @@ class ToolCalls(Constraint):
         """The JSON schema of the list between the tool-call tags."""
         allowed = [t for t in self.tools if self.tool_choice in ("auto", "required", t.name)]
         items = [{"type": "object",
-                  "properties": {"name": {"const": t.name}, "arguments": json.loads(t.parameters)},
+                  "properties": {"name": {"const": t.name}, "arguments": _closed(json.loads(t.parameters))},
                   "required": ["name", "arguments"], "additionalProperties": False} for t in allowed]
         schema: dict[str, Any] = {"type": "array", "items": items[0] if len(items) == 1 else {"anyOf": items},
                                   "minItems": 1}
@@ -289,8 +308,9 @@ class ToolCalls(Constraint):
         return schema
 
     def grammar(self) -> str:
-        # plain text: one or more characters, not beginning with the call tag (regex negation, ``~``)
-        text = f"TEXT: /(.|\\n)+/ & ~/{re.escape(TOOL_CALL_OPEN)}(.|\\n)*/"
+        # plain text: one or more characters, not beginning with the call tag, after white space or not
+        # (regex negation, ``~``): parse() reads any answer whose first non-blank text is the tag as a call
+        text = f"TEXT: /(.|\\n)+/ & ~/[ \\t\\r\\n]*{re.escape(TOOL_CALL_OPEN)}(.|\\n)*/"
         if self.tool_choice == "none":
             return llguidance.LLMatcher.grammar_from_lark(f"start: TEXT\n{text}")
         schema = json.dumps(_formatted(self.calls_schema()))
@@ -317,16 +337,93 @@ class ToolCalls(Constraint):
         stripped = text.strip()
         if not stripped.startswith(TOOL_CALL_OPEN):
             if self.tool_choice not in ("auto", "none") or not stripped:
-                raise _incomplete(text, "tool call")
+                raise _incomplete(text, self.what)
             return None
         body = stripped[len(TOOL_CALL_OPEN):]
         if not body.endswith(TOOL_CALL_CLOSE):
-            raise _incomplete(text, "tool call")
+            raise _incomplete(text, self.what)
         try:
             calls = json.loads(body[:-len(TOOL_CALL_CLOSE)])
         except json.JSONDecodeError:
-            raise _incomplete(text, "tool call") from None
+            raise _incomplete(text, self.what) from None
         return [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+
+
+def response_format_constraint(response_format: Mapping[str, Any]) -> JsonSchema | None:
+    """OpenAI's ``response_format`` as a constraint: ``{"type": "json_schema", "json_schema": {"schema":
+    {...}, ...}}`` is ``JsonSchema``, ``{"type": "json_object"}`` is ``JsonObject``, ``{"type": "text"}``
+    is None (no constraint).  ``strict`` is accepted either way: the grammar always enforces the schema."""
+    if not isinstance(response_format, Mapping):
+        raise ValueError(f"response_format must be a dict like {{'type': 'json_schema', 'json_schema': "
+                         f"{{'name': ..., 'schema': {{...}}}}}}, not {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonObject()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or "schema" not in spec:
+            raise ValueError("response_format of type 'json_schema' needs json_schema={'name': ..., 'schema': "
+                             f"{{...}}}}, not {spec!r}")
+        return JsonSchema(spec["schema"])
+    raise ValueError(f"response_format type {kind!r} is not one of 'json_schema', 'json_object', 'text'")
+
+
+def render_calls(calls: Sequence[Mapping[str, Any]]) -> str:
+    """Calls (``[{"name": ..., "arguments": {...}}]``) as the answer text the ``ToolCalls`` grammar
+    writes, JSON spaced as ``json.dumps`` spaces it: a history re-sent with the calls of an earlier
+    answer renders to the tokens the model produced, so the live state holding them is reused."""
+    return TOOL_CALL_OPEN + json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls],
+                                       ensure_ascii=False) + TOOL_CALL_CLOSE
+
+
+def tool_response(content: str) -> str:
+    """A tool's result as the user turn SmolLM2's tool format gives it."""
+    return f"<tool_response>\n{content}\n</tool_response>"
+
+
+def chat_turns(messages: Sequence[Mapping[str, Any]], tools: ToolCalls | None = None) -> list[dict[str, str]]:
+    """OpenAI-style chat messages (``role``, ``content`` text, an assistant's ``tool_calls``, ``tool``
+    results) as the plain ``role``/``content`` turns a chat template without tool support renders.
+
+    An assistant's calls become the ``<tool_call>[...]</tool_call>`` text the grammar writes (after its
+    text, if it has any), a ``tool`` message a user turn ``<tool_response>...</tool_response>``, and with
+    ``tools`` their system prompt (``ToolCalls.system_prompt``) follows the conversation's own system
+    message, or opens the conversation when it has none.  ValueError names a message that cannot be
+    rendered (arguments that are not a JSON object, content that is not text)."""
+    turns: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content") or ""
+        if not isinstance(content, str):
+            raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}; "
+                             "give it as text")
+        calls = message.get("tool_calls") or []
+        if role == "assistant" and calls:
+            parsed = []
+            for call in calls:
+                function = call.get("function", call)
+                arguments = function.get("arguments", {})
+                if isinstance(arguments, str):
+                    try:
+                        arguments = json.loads(arguments) if arguments.strip() else {}
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"message {index}: the arguments of the call to {function.get('name')!r} "
+                                         f"are not JSON: {error}") from None
+                if not isinstance(arguments, Mapping):
+                    raise ValueError(f"message {index}: the arguments of the call to {function.get('name')!r} "
+                                     f"must be a JSON object, not {type(arguments).__name__}")
+                parsed.append({"name": function.get("name"), "arguments": dict(arguments)})
+            content = (content + "\n" if content else "") + render_calls(parsed)
+        elif role == "tool":
+            role, content = "user", tool_response(content)
+        turns.append({"role": role, "content": content})
+    if tools is not None:
+        if turns and turns[0]["role"] == "system":
+            turns[0] = {"role": "system", "content": turns[0]["content"] + "\n\n" + tools.system_prompt()}
+        else:
+            turns.insert(0, {"role": "system", "content": tools.system_prompt()})
+    return turns
 
 
 @dataclass
@@ -395,6 +492,11 @@ class Matcher:
     def is_accepting(self) -> bool:
         """What was generated so far is a complete answer (it may still go on)."""
         return self._matcher.is_accepting()
+
+    def incomplete(self, text: str, reason: str = "length") -> IncompleteOutput:
+        """The error for an answer (``text``) that ended, for ``reason`` (``length`` or ``timeout``), before
+        the grammar was complete: what the decode loop raises instead of returning it."""
+        return _incomplete(text, self.constraint.what, reason)
 
     def _raise_if_error(self) -> None:
         if self._matcher.is_error():

@@ -29,7 +29,8 @@ from .cache import CacheStats, HCCache
 from .chat import ChatFormat
 from .checkpoint import ContextState, fingerprints, inconsistent, read_file, write_file
 from .config import HCConfig, coerce_config, is_int
-from .decoding import Generation, GenerationInfo, Sampling, decode, stop_token_ids
+from .constrained import CompiledConstraint, Constraint
+from .decoding import Generation, GenerationInfo, Sampling, compile_for, decode, stop_token_ids
 from .guard import CallGuard
 from .models import check_model, check_tokenizer
 from .prefill import prefill
@@ -171,39 +172,47 @@ class HCContext:
 
     # --- answering ---------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0,
-            stop: Sequence[str] | None = None, raw: bool = False) -> str:
+            stop: Sequence[str] | None = None, raw: bool = False, constraint: Constraint | None = None) -> str:
         """Answer from the whole context without changing it.
 
         The question is wrapped as a user turn in the tokenizer's chat format; ``raw=True`` feeds
-        it verbatim instead (for callers that frame prompts themselves).
+        it verbatim instead (for callers that frame prompts themselves).  ``constraint``
+        (``hcmemory.constrained``: ``JsonSchema``, ``Regex``, ``Choice``, ``ToolCalls``...) makes the
+        answer one the grammar accepts; an answer the budget ends first raises ``IncompleteOutput``.
         """
         return "".join(self.stream(question, commit=False, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, stop=stop, raw=raw))
+                                   temperature=temperature, stop=stop, raw=raw, constraint=constraint))
 
     def chat(self, message: str, max_new_tokens: int = 256, temperature: float = 0.0,
-             stop: Sequence[str] | None = None, raw: bool = False) -> str:
+             stop: Sequence[str] | None = None, raw: bool = False, constraint: Constraint | None = None) -> str:
         """Like ``ask``, but the turn and the answer become part of the context."""
         return "".join(self.stream(message, commit=True, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, stop=stop, raw=raw))
+                                   temperature=temperature, stop=stop, raw=raw, constraint=constraint))
 
     def stream(self, message: str, commit: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
-               stop: Sequence[str] | None = None, seed: int | None = None, raw: bool = False) -> Generation:
+               stop: Sequence[str] | None = None, seed: int | None = None, raw: bool = False,
+               constraint: Constraint | None = None) -> Generation:
         """Yield the answer's text as it is generated (``commit`` keeps the turn, like ``chat``).
 
-        Arguments are checked now; the context is held from the first piece until the generation
-        ends or is closed (a stream stopped early keeps nothing, even with ``commit=True``).
+        Arguments are checked now, and ``constraint`` compiled (a schema the grammar engine cannot
+        build raises ``ValueError`` here); the context is held from the first piece until the
+        generation ends or is closed (a stream stopped early keeps nothing, even with ``commit=True``).
+        Under a constraint, stop strings are ignored (the grammar decides where the answer ends) and an
+        answer that ends before the grammar is complete raises ``IncompleteOutput`` after its last
+        piece, keeping nothing.
         """
         if not isinstance(message, str):
             raise TypeError(f"the question or message must be a string, not {type(message).__name__}")
         if not message.strip():
             raise ValueError("the question or message is empty")
         sampling = Sampling.of(max_new_tokens, temperature, stop, seed)
+        compiled = compile_for(self.model, self.tokenizer, constraint)
         return Generation(lambda gen: self._run(gen, "stream", lambda: self.token_ids + self._turn_ids(message, raw),
-                                                sampling, commit, keep_turn=raw))
+                                                sampling, commit, keep_turn=raw, compiled=compiled))
 
     def generate(self, prompt: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                  stop: Sequence[str] | None = None, seed: int | None = None, timeout: float | None = None,
-                 commit: bool = True) -> Generation:
+                 commit: bool = True, constraint: Constraint | None = None) -> Generation:
         """Answer a whole prompt (token ids) sent again by a stateless caller — a chat history, a
         document plus a question — reusing the longest prefix this context already holds.
 
@@ -213,11 +222,13 @@ class HCContext:
         cropped tokens (``HCCache.exact_prefix``), prefilling starts earlier.  With ``commit`` the
         prompt and the answer become the context, so the next turn (history + answer + new
         message) is served from it.  The ``Generation`` reports ``tokens_reused`` and
-        ``tokens_prefilled``.
+        ``tokens_prefilled``.  ``constraint`` as in ``stream``.
         """
         sampling = Sampling.of(max_new_tokens, temperature, stop, seed, timeout)
         ids = self._prompt_ids(prompt, sampling.max_new_tokens)
-        return Generation(lambda gen: self._run(gen, "generate", lambda: ids, sampling, commit, keep_turn=False))
+        compiled = compile_for(self.model, self.tokenizer, constraint)
+        return Generation(lambda gen: self._run(gen, "generate", lambda: ids, sampling, commit, keep_turn=False,
+                                                compiled=compiled))
 
     def _prompt_ids(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple, torch.Tensor)):
@@ -246,8 +257,9 @@ class HCContext:
                              "or shorten the prompt")
 
     def _run(self, gen: GenerationInfo, call: str, prompt: Callable[[], list[int]], sampling: Sampling, commit: bool,
-             keep_turn: bool) -> Iterator[str]:
-        """The one answering path: reuse the shared prefix, prefill the rest, decode, commit or roll back."""
+             keep_turn: bool, compiled: CompiledConstraint | None) -> Iterator[str]:
+        """The one answering path: reuse the shared prefix, prefill the rest, decode (masked by a fresh
+        matcher of ``compiled``, if given), commit or roll back."""
         self._guard.acquire(call)
         try:
             self._check_live()
@@ -259,7 +271,8 @@ class HCContext:
             gen.tokens_reused, gen.tokens_prefilled = common, len(ids) - common
             with self.cache.transaction(commit=commit):
                 self.cache.crop(common)
-                pieces = decode(self.model, self.tokenizer, self.cache, self._prefill(ids[common:]), sampling)
+                matcher = compiled.matcher() if compiled is not None else None
+                pieces = decode(self.model, self.tokenizer, self.cache, self._prefill(ids[common:]), sampling, matcher)
                 while True:
                     try:
                         piece = next(pieces)
@@ -312,6 +325,29 @@ class HCContext:
             twin._setup(self.model, self.tokenizer, self.config, context_id, self.cache.fork(), list(self.token_ids),
                         self.tokens_prefilled, self.turn_open, copy.deepcopy(self.metadata))
             return twin
+
+    def restore(self, source: "HCContext") -> None:
+        """Become exactly ``source``, a context loaded from a checkpoint of this conversation: its cache,
+        tokens and metadata replace this context's state in one step under both guards, and ``source``
+        is closed.  Holders of this object (a pool, by its id) then see the checkpoint's state with
+        nothing prefilled: how a LangGraph thread travels back to one of its checkpoints
+        (``integrations/langgraph.py``).  ``ValueError`` when ``source`` runs another model, tokenizer
+        or configuration; nothing changes then."""
+        if not isinstance(source, HCContext):
+            raise TypeError(f"restore() takes an HCContext, not {type(source).__name__}")
+        if source is self:
+            raise ValueError("a context cannot be restored from itself")
+        if source.model is not self.model or source.tokenizer is not self.tokenizer or source.config != self.config:
+            raise ValueError(f"context {source.context_id!r} runs another model, tokenizer or configuration than "
+                             f"context {self.context_id!r}; load it with this context's model and tokenizer")
+        with self._guard.hold("restore"):
+            if self._closed:
+                raise RuntimeError(f"context {self.context_id!r} was {self._closed}")
+            with source._guard.hold("restore"):
+                source._check_live()
+                self.cache, self.token_ids, self.tokens_prefilled = source.cache, source.token_ids, source.tokens_prefilled
+                self.turn_open, self.metadata = source.turn_open, source.metadata
+                source._closed = f"restored into context {self.context_id!r}"
 
     def truncate(self, tokens: int) -> None:
         """Forget everything after the first ``tokens`` tokens: the context is then exactly one that was

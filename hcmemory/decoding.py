@@ -3,6 +3,13 @@
 Text is yielded as soon as it is stable (no half-decoded UTF-8 character at its end, no end that
 could be the start of a stop string) and cut at the first stop string, which may span several tokens.  The ids fed to the cache are the
 generator's return value, so a caller that commits the turn knows exactly what the state holds.
+
+With a ``matcher`` (``constrained.py``) the grammar masks every token that cannot continue a valid
+answer before each sampling step, so greedy and sampled answers alike parse.  Stop strings are then
+ignored: the grammar decides where the answer ends, and a stop string met inside a JSON string or a
+tool's argument would otherwise cut a valid answer into an invalid one.  An answer the budget (or the
+timeout) ends before the grammar is complete raises ``IncompleteOutput`` instead of returning text
+that does not parse.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from .config import is_int
+from .constrained import CompiledConstraint, Constraint, Matcher, compile_constraint
 from .glue import cache_kwarg
 
 
@@ -139,28 +147,45 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
+def compile_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                constraint: Constraint | None) -> CompiledConstraint | None:
+    """``constraint`` built for this model's tokenizer and end-of-turn tokens (cached), or None.
+
+    Called where a user passes the constraint, so a schema the engine cannot build is refused with a
+    ``ValueError`` before any state is touched or any token generated."""
+    if constraint is None:
+        return None
+    return compile_constraint(tokenizer, constraint, stop_token_ids(model, tokenizer))
+
+
 @torch.no_grad()
 def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Cache, logits: torch.Tensor,
-           sampling: Sampling) -> Iterator[str]:
+           sampling: Sampling, matcher: Matcher | None = None) -> Iterator[str]:
     """Decode into ``cache`` from ``logits`` (the last prompt position's), yielding new text.
 
     Returns ``(ids, finish_reason)``: the ids fed to the cache, ending with the end-of-turn token
     when the model produced one (fed too, so a committed turn is closed the way the chat format
-    expects), and why it ended (``stop``, ``length`` or ``timeout``).
+    expects), and why it ended (``stop``, ``length`` or ``timeout``).  ``matcher`` (a fresh one
+    from ``compile_for(...).matcher()``) masks each step; see the module docstring.
     """
     deadline = None if sampling.timeout is None else time.perf_counter() + sampling.timeout
     stop_ids = stop_token_ids(model, tokenizer)
+    stop = () if matcher is not None else sampling.stop
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     device = next(model.parameters()).device
     generated: list[int] = []
     text = emitted = ""
     reason = "length"
     for _ in range(sampling.max_new_tokens):
+        if matcher is not None:
+            matcher.mask(logits)
         if sampling.temperature == 0:
             token = int(logits.argmax(-1))
         else:
             probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
+        if matcher is not None:
+            matcher.advance(token)
         generated.append(token)
         logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
                        **cache_kwarg(model, cache)).logits[:, -1]
@@ -168,18 +193,20 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
             reason = "stop"
             break
         text = tokenizer.decode(generated, skip_special_tokens=True)
-        hit = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
+        hit = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         if hit >= 0:
             if hit > len(emitted):
                 yield text[len(emitted):hit]
             return generated, "stop"
-        stable = len(text) - held_back(text, sampling.stop)
+        stable = len(text) - held_back(text, stop)
         if stable > len(emitted) and not text[:stable].endswith("\ufffd"):
             yield text[len(emitted):stable]
             emitted = text[:stable]
         if deadline is not None and time.perf_counter() > deadline:
             reason = "timeout"
             break
+    if matcher is not None and not matcher.is_accepting():
+        raise matcher.incomplete(text, reason)  # before the rest is shown: nothing past here is an answer
     rest = text[len(emitted):].removesuffix("\ufffd")  # no stop string completed: what was held back is answer
     if rest:
         yield rest

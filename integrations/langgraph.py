@@ -1,49 +1,219 @@
-"""An agent loop (LangGraph) whose KV state is checkpointed per thread next to LangGraph's own checkpoint.
+"""KV persistence for any LangGraph graph: ``KVCheckpointer`` makes every checkpoint of a thread carry
+the KV state of that thread's context, so a thread resumed after a crash, a time travel to a past
+checkpoint and a fork from one all start from that checkpoint's KV state instead of prefilling the
+history again.
 
-The graph is the usual one: a model node (``ChatHCAttention``) and a tool node with a few
-deterministic tools — ``read_page`` (the next page of a long file), ``calculator`` and ``lookup`` —
-looping until the model answers.  LangGraph's SQLite checkpointer keeps the graph state (the
-messages) per ``thread_id``; a ``ContextStore`` beside it keeps that thread's KV state, saved after
-every model step.  A run killed at any point resumes from the same ``thread_id`` in a new process:
-LangGraph re-sends the history, the context reloaded from the store already holds it, and only the
-messages added since are prefilled (each step reports ``tokens_prefilled``).  If the two
-checkpoints disagree (a kill between them), prefix matching crops the KV state back to what the
-graph state holds, so they can never drift apart.
+How it fits together:
 
-The embedded 135M model does not call tools reliably, so its text is parsed for
-``ACTION: tool(argument)`` and, when it names no valid action and gives no ``ANSWER:``, the loop
-falls back to reading the next page: the point is the mechanics.  Needs
-``pip install 'hcmemory[agents]'``.
+* ``ChatHCAttention(store=..., per_thread=True)`` answers each LangGraph thread from its own context,
+  whose id is the ``thread_id`` (LangGraph passes it to every model call in the run's metadata), and,
+  once a call in a graph task has answered, stores the context's KV state under ``(thread_id, task
+  id)`` — before the task's writes reach the checkpointer, so a kill leaves a KV state without its
+  checkpoint at worst, never the reverse.  The store addresses tensor chunks by content and cuts them
+  at fixed rows (``KV_CHUNK_BYTES``), so a step writes the chunks of its new rows and a branch shares
+  its parent's.
+* A checkpoint's KV state is the one the last model task before it left: for a checkpoint the graph's
+  loop wrote, a task run from its parent (the parent's ``pending_writes`` name it), or else the parent's
+  own.  Tool steps, ``update_state`` and the input leave the KV state as it was.  Keying by task, not by
+  the checkpoint ``put``, is what keeps this right when LangGraph saves checkpoints in the background
+  (``durability="async"``, the default) while the next model step is already answering.
+* ``KVCheckpointer(saver, chat)`` wraps any ``BaseCheckpointSaver`` (``SqliteSaver``, ``PostgresSaver``,
+  ``InMemorySaver``...) and delegates every call to it.  When LangGraph loads a checkpoint (``get_tuple``:
+  a run starting or resuming, ``invoke(None, config_with_checkpoint_id)``, ``update_state``), the
+  thread's live context is restored to that checkpoint's KV state unless it holds exactly those tokens
+  already: the next model call prefills only the messages added since.  A fork (``update_state`` on a
+  past checkpoint) continues from its parent's KV state, and the original branch's checkpoints keep
+  theirs: invoking one again answers as before.
+* The KV state is a cache, never the truth: each model call re-sends the whole history, and the context
+  answers it exactly as a fresh prefill would (it crops what does not match), so a checkpoint without
+  KV state (before the first model call, a subgraph's, one more than ``ANCESTORS`` steps past the last
+  model task, a thread copied by ``copy_thread``) only costs prefill time.
+
+``get_state`` loads a checkpoint too, so inspecting an old one restores its KV state; the next run
+restores its own again.  Subgraph checkpoints (a non-empty ``checkpoint_ns``) are delegated only: the
+thread's one context belongs to the root graph.  One model call per step and thread: parallel model
+nodes would share the thread's context.
+
+The example tools (``Tools``: pages of a long file, a calculator safe on model output, a glossary)
+are used by ``examples/agent_checkpoint.py``.  Needs ``pip install 'hcmemory[agents]'``.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
+import logging
 import math
 import operator
 import re
-import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 try:
-    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
     from langchain_core.runnables import RunnableConfig
-    from langgraph.checkpoint.sqlite import SqliteSaver
-    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langchain_core.tools import BaseTool, tool
+    from langgraph.checkpoint.base import (BaseCheckpointSaver, ChannelVersions, Checkpoint, CheckpointMetadata,
+                                           CheckpointTuple, DeltaChannelHistory)
+    from pydantic import Field
     from simpleeval import InvalidExpression, SimpleEval
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("hcmemory.integrations.langgraph needs langgraph: pip install 'hcmemory[agents]'") from exc
 
-from hcmemory.integrations.langchain import ChatHCAttention
+from hcmemory import ContextStore
+from hcmemory.integrations.langchain import ChatHCAttention, kv_store
 
-SYSTEM = ("You are a careful agent answering a question about a long file you read page by page. To use a tool, "
-          "reply with one line `ACTION: tool(argument)`. Tools: read_page(number) returns a page of the file; "
-          "calculator(expression) does arithmetic; lookup(term) explains a term. When you know the answer, reply "
-          "`ANSWER: <answer>`.")
-_ACTION = re.compile(r"ACTION:\s*(\w+)\s*\((.*?)\)", re.DOTALL)
+log = logging.getLogger(__name__)
+
+ANCESTORS = 16
+"""How many checkpoints back from a checkpoint the last model task's KV state is looked for."""
+
+
+class KVCheckpointer(BaseCheckpointSaver):
+    """A checkpointer whose checkpoints carry the KV state of their thread's context (see the module
+    docstring).  ``saver`` holds the graph's checkpoints; ``chat`` (with ``store`` and
+    ``per_thread=True``) is the model whose contexts are kept, in ``chat.store``."""
+
+    def __init__(self, saver: BaseCheckpointSaver, chat: ChatHCAttention) -> None:
+        if not isinstance(saver, BaseCheckpointSaver):
+            raise TypeError(f"saver must be a LangGraph BaseCheckpointSaver (e.g. SqliteSaver), not "
+                            f"{type(saver).__name__}")
+        if not isinstance(chat, ChatHCAttention):
+            raise TypeError(f"chat must be the ChatHCAttention the graph calls, not {type(chat).__name__}")
+        if chat.store is None or not chat.per_thread:
+            raise ValueError("KVCheckpointer needs ChatHCAttention(store=..., per_thread=True): each thread needs its "
+                             "own context, whose KV states go to the store")
+        super().__init__(serde=saver.serde)
+        self.saver = saver
+        self.chat = chat
+
+    @property
+    def store(self) -> ContextStore:
+        """Where the model's per-task KV states are (``chat.store``)."""
+        return kv_store(self.chat.store)
+
+    @property
+    def config_specs(self) -> list:
+        return self.saver.config_specs
+
+    # --- the KV side -----------------------------------------------------------------------------
+    def kv_state(self, config: RunnableConfig) -> str | None:
+        """The tag (a model task's id) of the KV state of ``config``'s checkpoint in ``store``, under the
+        thread's id; None when there is none (see the module docstring), or for a subgraph's checkpoint."""
+        configurable = config.get("configurable", {})
+        thread = configurable.get("thread_id")
+        if thread is None or configurable.get("checkpoint_ns"):
+            return None
+        found = self.saver.get_tuple(config)
+        for _ in range(ANCESTORS):
+            if found is None or found.parent_config is None:
+                return None
+            parent = self.saver.get_tuple(found.parent_config)
+            if parent is None:
+                return None
+            if found.metadata.get("source") == "loop":
+                for task, _, _ in reversed(parent.pending_writes or []):
+                    if self.store.exists(str(thread), task):
+                        return task
+            found = parent
+        return None
+
+    def restore_kv(self, found: CheckpointTuple | None) -> None:
+        """Make the thread's live context hold the KV state of checkpoint ``found``, unless it holds
+        exactly those tokens already (or the checkpoint has none)."""
+        tag = None if found is None else self.kv_state(found.config)
+        if tag is None:
+            return
+        thread = str(found.config["configurable"]["thread_id"])
+        engine = self.chat.engine()
+        ctx = engine.pool.get(thread)
+        if ctx.token_ids == self.store.token_ids(thread, tag):
+            return
+        ctx.restore(self.store.load(thread, engine.model, engine.tokenizer, tag))
+        log.info("thread %r: KV state of task %s restored (%d tokens)", thread, tag, len(ctx))
+
+    def _forget_thread(self, thread_id: str) -> None:
+        pool = self.chat.engine().pool
+        if str(thread_id) in pool:
+            pool.delete(str(thread_id))
+
+    # --- BaseCheckpointSaver, delegated ----------------------------------------------------------
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        found = self.saver.get_tuple(config)
+        self.restore_kv(found)
+        return found
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None) -> Iterator[CheckpointTuple]:
+        return self.saver.list(config, filter=filter, before=before, limit=limit)
+
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+            new_versions: ChannelVersions) -> RunnableConfig:
+        return self.saver.put(config, checkpoint, metadata, new_versions)
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
+                   task_path: str = "") -> None:
+        self.saver.put_writes(config, writes, task_id, task_path)
+
+    def delete_thread(self, thread_id: str) -> None:
+        self.saver.delete_thread(thread_id)
+        self._forget_thread(thread_id)
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self.saver.delete_for_runs(run_ids)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self.saver.copy_thread(source_thread_id, target_thread_id)
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self.saver.prune(thread_ids, strategy=strategy)
+
+    def get_delta_channel_history(self, *, config: RunnableConfig,
+                                  channels: Sequence[str]) -> Mapping[str, DeltaChannelHistory]:
+        return self.saver.get_delta_channel_history(config=config, channels=channels)
+
+    def get_next_version(self, current: Any, channel: None) -> Any:
+        return self.saver.get_next_version(current, channel)
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        found = await self.saver.aget_tuple(config)
+        await asyncio.to_thread(self.restore_kv, found)
+        return found
+
+    async def alist(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+                    before: RunnableConfig | None = None, limit: int | None = None) -> AsyncIterator[CheckpointTuple]:
+        async for item in self.saver.alist(config, filter=filter, before=before, limit=limit):
+            yield item
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+                   new_versions: ChannelVersions) -> RunnableConfig:
+        return await self.saver.aput(config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
+                          task_path: str = "") -> None:
+        await self.saver.aput_writes(config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self.saver.adelete_thread(thread_id)
+        await asyncio.to_thread(self._forget_thread, thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self.saver.adelete_for_runs(run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self.saver.acopy_thread(source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await self.saver.aprune(thread_ids, strategy=strategy)
+
+    async def aget_delta_channel_history(self, *, config: RunnableConfig,
+                                         channels: Sequence[str]) -> Mapping[str, DeltaChannelHistory]:
+        return await self.saver.aget_delta_channel_history(config=config, channels=channels)
+
+
+# --- the example agent's tools --------------------------------------------------------------------
+
 MAX_DIGITS = 100
 """The calculator refuses numbers of more digits, operands and results alike: model output may ask for
 ``9**9**9``, whose digits alone take minutes to compute."""
@@ -98,7 +268,8 @@ def page_number(argument: str) -> int | None:
 
 @dataclass
 class Tools:
-    """The agent's deterministic tools over one long text file."""
+    """The example agent's deterministic tools over one long text file (``langchain_tools()`` gives
+    them to ``bind_tools`` and LangGraph's ``ToolNode``)."""
 
     path: Path
     page_chars: int = 1200
@@ -126,85 +297,23 @@ class Tools:
             return self.glossary.get(argument.lower(), f"No entry for {argument!r}.")
         return f"Unknown tool {tool!r}; tools: read_page, calculator, lookup."
 
+    def langchain_tools(self) -> list[BaseTool]:
+        """``read_page``, ``calculator`` and ``lookup`` as LangChain tools; string arguments are bounded in
+        their schemas, so a model repeating itself inside one cannot run a call past its token budget."""
 
-class AgentState(MessagesState):
-    page: int
-    steps: int
+        @tool
+        def read_page(number: int) -> str:
+            """Read one page of the file, numbered from 1."""
+            return self.run("read_page", str(number))
 
+        @tool
+        def calculator(expression: Annotated[str, Field(max_length=MAX_EXPRESSION)]) -> str:
+            """Evaluate an arithmetic expression, e.g. 2 * (3 + 4)."""
+            return self.run("calculator", expression)
 
-def next_action(text: str, state: dict[str, Any], pages: int) -> tuple[str, str] | None:
-    """The tool call the model's text asks for; the next page when it asks for nothing usable; None
-    when it answered (or there is nothing left to read)."""
-    if "ANSWER:" in text:
-        return None
-    found = _ACTION.search(text)
-    if found and found.group(1) in ("read_page", "calculator", "lookup"):
-        return found.group(1), found.group(2)
-    following = state.get("page", 0) + 1
-    return ("read_page", str(following)) if following <= pages else None
+        @tool
+        def lookup(term: Annotated[str, Field(max_length=40)]) -> str:
+            """Explain a term from the glossary."""
+            return self.run("lookup", term)
 
-
-def build_agent(chat: ChatHCAttention, tools: Tools, checkpointer: SqliteSaver, max_steps: int = 12,
-                on_step: Callable[[dict[str, Any]], None] | None = None):
-    """The compiled graph.  ``chat`` needs a ``store`` (its KV state is saved there after every step);
-    ``on_step`` receives each model step's counters."""
-    if chat.store is None:
-        raise ValueError("the agent's ChatHCAttention needs store=... to checkpoint its KV state per thread")
-    pages = len(tools.pages())
-
-    def model(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-        thread = config["configurable"]["thread_id"]
-        reply = chat.invoke([SystemMessage(SYSTEM), *state["messages"]], context_id=thread)
-        chat.engine().pool.save(thread)  # the KV checkpoint of this step, next to LangGraph's
-        if on_step:
-            on_step({"thread_id": thread, "step": state.get("steps", 0) + 1, "prompt_tokens":
-                     reply.usage_metadata["input_tokens"], **reply.response_metadata})
-        return {"messages": [reply], "steps": state.get("steps", 0) + 1}
-
-    def act(state: AgentState) -> dict[str, Any]:
-        tool, argument = next_action(state["messages"][-1].content, state, pages)
-        update: dict[str, Any] = {"messages": [HumanMessage(f"Observation: {tools.run(tool, argument)}")]}
-        number = page_number(argument) if tool == "read_page" else None
-        if number is not None and 1 <= number <= pages:
-            update["page"] = number
-        return update
-
-    def route(state: AgentState) -> str:
-        if state.get("steps", 0) >= max_steps:
-            return END
-        return "tools" if next_action(state["messages"][-1].content, state, pages) else END
-
-    graph = StateGraph(AgentState)
-    graph.add_node("model", model)
-    graph.add_node("tools", act)
-    graph.add_edge(START, "model")
-    graph.add_conditional_edges("model", route, ["tools", END])
-    graph.add_edge("tools", "model")
-    return graph.compile(checkpointer=checkpointer)
-
-
-def checkpointer(path: str | Path) -> SqliteSaver:
-    """LangGraph's SQLite checkpointer on ``path`` (usable from the graph's worker threads)."""
-    return SqliteSaver(sqlite3.connect(str(path), check_same_thread=False))
-
-
-def run(task: str, thread_id: str, workdir: str | Path, tools: Tools, chat: ChatHCAttention | None = None,
-        max_steps: int = 12, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run (or resume, when ``thread_id`` has a checkpoint) the agent; returns the final graph state.
-
-    ``workdir`` holds ``graph.sqlite`` (LangGraph's checkpoints) and ``kv.sqlite`` (the KV states)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    chat = chat or ChatHCAttention(store=str(workdir / "kv.sqlite"), max_tokens=48)
-    saver = checkpointer(workdir / "graph.sqlite")
-    agent = build_agent(chat, tools, saver, max_steps, on_step)
-    config: RunnableConfig = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * max_steps + 4}
-    started = agent.get_state(config).values.get("messages")
-    return agent.invoke(None if started else {"messages": [HumanMessage(task)], "page": 0, "steps": 0}, config)
-
-
-def final_answer(state: dict[str, Any]) -> str:
-    """The last model message's answer (its text after ``ANSWER:``, or all of it)."""
-    last = next((m for m in reversed(state["messages"]) if isinstance(m, AIMessage)), None)
-    text = "" if last is None else last.content
-    return text.split("ANSWER:", 1)[1].strip() if "ANSWER:" in text else text.strip()
+        return [read_page, calculator, lookup]

@@ -1,9 +1,9 @@
-"""Constrained decoding on the real 135M model: every answer under a constraint parses and validates,
-greedy and sampled; tool calls parse for each tool_choice; a budget that ends mid-answer raises;
-bad constraints are refused before any token is generated; compiled constraints are cached.
-
-The decode loop here is the hook the library's loop uses: ``matcher.mask(logits)`` before sampling,
-``matcher.advance(token)`` after, stop at an end-of-turn token."""
+"""Constrained decoding on the real 135M model, through the library's own answering path
+(``HCContext.generate`` / ``ask`` / ``chat`` / ``stream``, ``ContextPool.generate``): every answer
+under a constraint parses and validates, greedy and sampled; tool calls parse for each tool_choice;
+overlays, commits, streams, forks and prefix reuse each get their own matcher; a budget that ends
+mid-answer raises and keeps nothing; bad constraints are refused before any token is generated;
+compiled constraints are cached."""
 
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ from typing import Any, Literal
 import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-from transformers import DynamicCache
 
+from hcmemory import ContextPool, HCContext
 from hcmemory.constrained import (Choice, IncompleteOutput, JsonObject, JsonSchema, Regex, ToolCalls, cache_info,
-                                  clear_cache, compile_constraint)
-from hcmemory.decoding import stop_token_ids
-from hcmemory.glue import cache_kwarg
+                                  chat_turns, clear_cache, compile_constraint)
 
 
 class Item(BaseModel):
@@ -81,30 +79,13 @@ class AddArgs(BaseModel):
 ARGUMENTS = {"get_weather": WeatherArgs, "add": AddArgs}
 
 
-@torch.no_grad()
 def generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], constraint: Any, max_new_tokens: int,
-             temperature: float = 0.0, seed: int | None = None) -> tuple[str, Any]:
-    """Greedy or sampled decoding with the constraint's mask applied at each step; the text and the matcher."""
-    stops = stop_token_ids(model, tokenizer)
-    matcher = compile_constraint(tokenizer, constraint, stops).matcher()
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
-                                        return_tensors="pt")["input_ids"]
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        matcher.mask(logits)
-        if temperature == 0:
-            token = int(logits.argmax(-1))
-        else:
-            token = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator))
-        matcher.advance(token)
-        if token in stops:
-            break
-        out.append(token)
-        logits = model(input_ids=torch.tensor([[token]]), use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
-    return tokenizer.decode(out, skip_special_tokens=True), matcher
+             temperature: float = 0.0, seed: int | None = None) -> str:
+    """A whole chat prompt answered by a fresh context under ``constraint``, greedy or sampled."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ctx = HCContext(model, tokenizer, "full")
+    return ctx.generate(ids["input_ids"], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                        constraint=constraint).text()
 
 
 @pytest.mark.parametrize("name,temperature,seed", [(name, 0.0, None) for name in SCHEMAS] + [
@@ -113,31 +94,95 @@ def test_json_schema_answers_parse_and_validate(smollm2, name, temperature, seed
     model, tokenizer = smollm2
     constraint, validator, prompt = SCHEMAS[name]
     messages = [{"role": "system", "content": "Answer with JSON only."}, {"role": "user", "content": prompt}]
-    text, matcher = generate(model, tokenizer, messages, constraint, 96, temperature, seed)
-    assert matcher.is_finished(), f"budget ran out: {text!r}"
+    text = generate(model, tokenizer, messages, constraint, 96, temperature, seed)
     validator.model_validate(constraint.parse(text), strict=True)
 
 
-def test_budget_ending_mid_json_raises_instead_of_returning_broken_json(smollm2):
+def test_budget_ending_mid_json_raises_and_keeps_nothing(smollm2):
     model, tokenizer = smollm2
-    constraint = JsonSchema(Person)
-    text, matcher = generate(model, tokenizer, [{"role": "user", "content": "A person as JSON."}], constraint, 5)
-    assert not matcher.is_accepting() and not matcher.is_finished()
+    ctx = HCContext(model, tokenizer, "hc-12.5")
+    ctx.append("Ada Lovelace lived in London.")
+    before, logits = list(ctx.token_ids), ctx.next_logits(" The")
     with pytest.raises(IncompleteOutput, match="max_new_tokens") as raised:
-        constraint.parse(text)
-    assert raised.value.text == text
+        ctx.chat("Ada as JSON.", max_new_tokens=5, constraint=JsonSchema(Person))
+    assert raised.value.text.startswith('{"name": ')
+    assert ctx.token_ids == before  # the committed turn was rolled back whole
+    torch.testing.assert_close(ctx.next_logits(" The"), logits, atol=1e-5, rtol=0)
 
 
 def test_regex_and_choice(smollm2):
     model, tokenizer = smollm2
     # [0-9], not \d: the engine's \d is Unicode (it matches every script's digits, as Python's does)
-    text, matcher = generate(model, tokenizer, [{"role": "user", "content": "When did the Second World War end?"}],
-                             Regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}"), 16)
-    assert matcher.is_finished() and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text), text
+    text = generate(model, tokenizer, [{"role": "user", "content": "When did the Second World War end?"}],
+                    Regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}"), 16)
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text), text
     options = ["yes", "no", "it depends"]
-    text, matcher = generate(model, tokenizer, [{"role": "user", "content": "Is the sky blue?"}], Choice(options), 8,
-                             temperature=1.0, seed=3)
-    assert matcher.is_finished() and text in options, text
+    text = generate(model, tokenizer, [{"role": "user", "content": "Is the sky blue?"}], Choice(options), 8,
+                    temperature=1.0, seed=3)
+    assert text in options, text
+
+
+DOC = ("Order 4471 was paid on Monday and sent on Tuesday; its total is 35.50 euros. The customer, Ines Duarte, "
+       "lives in Porto, postcode 40001.")
+
+
+def test_overlays_commits_streams_and_forks_each_answer_under_their_constraint(smollm2):
+    """ask (an overlay, rolled back), chat (committed), a stream and a fork's answer: each parses, and
+    each leaves the state exactly as its call says."""
+    model, tokenizer = smollm2
+    ctx = HCContext(model, tokenizer, "hc-12.5")
+    ctx.append(DOC)
+    held = list(ctx.token_ids)
+    order, _, _ = SCHEMAS["array_dict_schema"]
+    asked = ctx.ask("The order as JSON.", max_new_tokens=48, constraint=order)
+    Order.model_validate(order.parse(asked), strict=True)
+    assert ctx.token_ids == held  # an overlay: nothing kept
+    person = JsonSchema(Person)
+    pieces = list(ctx.stream("The customer as JSON.", commit=True, max_new_tokens=48, temperature=1.0, seed=5,
+                             constraint=person))
+    Person.model_validate(person.parse("".join(pieces)), strict=True)
+    assert len(pieces) > 1 and len(ctx) > len(held)  # streamed piece by piece, and committed
+    twin = ctx.fork()
+    # stop strings are ignored under a constraint: the grammar decides where the answer ends
+    answer = twin.chat("Was it paid?", max_new_tokens=4, stop=["y", "n"], constraint=Choice(["yes", "no"]))
+    assert answer in ("yes", "no") and len(twin) > len(ctx)
+    committed = list(ctx.token_ids)
+    assert ctx.ask("Was it sent?", max_new_tokens=4, constraint=Choice(["yes", "no"])) in ("yes", "no")
+    assert ctx.token_ids == committed
+
+
+def test_pool_prefix_reuse_answers_under_the_constraint(smollm2):
+    model, tokenizer = smollm2
+    pool = ContextPool(model, tokenizer, config="hc-12.5")
+    doc = tokenizer.apply_chat_template([{"role": "user", "content": DOC}], tokenize=True, return_dict=True)
+    prompt = lambda question: doc["input_ids"] + tokenizer(question, add_special_tokens=False).input_ids  # noqa: E731
+    first = pool.generate(prompt(" Who is the customer?"), max_new_tokens=8)
+    first.text()
+    item = JsonSchema(Item)
+    second = pool.generate(prompt(" One item of the order as JSON."), max_new_tokens=48, constraint=item)
+    Item.model_validate(item.parse(second.text()), strict=True)
+    assert second.info.tokens_reused >= len(doc["input_ids"]) - 1 and second.info.finish_reason == "stop"
+    with pytest.raises(ValueError, match="Unimplemented keys"):  # refused before the pool changes
+        pool.generate(prompt(" Again."), constraint=JsonSchema({"type": "object", "if": {}}))
+    assert len(pool.live_ids) == 2
+
+
+def test_history_with_tool_calls_renders_as_the_grammar_writes_them():
+    calls = '<tool_call>[{"name": "add", "arguments": {"a": 3, "b": 4}}]</tool_call>'
+    tools = ToolCalls(TOOLS)
+    turns = chat_turns([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "3 + 4?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": "call_1", "function": {"name": "add", "arguments": '{"a": 3, "b": 4}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "7"}], tools)
+    assert turns[0] == {"role": "system", "content": "Be brief.\n\n" + tools.system_prompt()}
+    assert turns[2:] == [{"role": "assistant", "content": calls},
+                         {"role": "user", "content": "<tool_response>\n7\n</tool_response>"}]
+    assert tools.parse(calls) == [{"name": "add", "arguments": {"a": 3, "b": 4}}]
+    with pytest.raises(ValueError, match="message 1: the arguments of the call to 'add' are not JSON"):
+        chat_turns([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "add", "arguments": "{a: 3"}}]}])
 
 
 def _check_calls(calls: list[dict[str, Any]] | None, names: set[str]) -> None:
@@ -153,8 +198,7 @@ def test_tool_calls_parse_for_each_tool_choice(smollm2, tool_choice):
     constraint = ToolCalls(TOOLS, tool_choice, parallel=tool_choice != "get_weather")
     messages = [{"role": "system", "content": constraint.system_prompt()},
                 {"role": "user", "content": "What is 3 plus 4?"}]
-    text, matcher = generate(model, tokenizer, messages, constraint, 48)
-    assert matcher.is_finished(), f"budget ran out: {text!r}"
+    text = generate(model, tokenizer, messages, constraint, 48)
     calls = constraint.parse(text)
     if tool_choice == "none":
         assert calls is None and text.strip()
@@ -206,6 +250,13 @@ def test_json_object_and_plain_text_parse(smollm2):
     with pytest.raises(IncompleteOutput):
         tools.parse('<tool_call>[{"name": "add", "arguments": {"a": 1')
     assert ToolCalls(TOOLS).parse("Hello") is None
+    # white space before the call tag is no way around it: such text is refused as text (parse() reads
+    # any answer whose first non-blank text is the tag as a call, so the two agree)
+    matcher = compile_constraint(tokenizer, ToolCalls(TOOLS, "auto")).matcher()
+    tag = tokenizer("\n <tool_call>", add_special_tokens=False).input_ids
+    for token in tag[:-1]:
+        matcher.advance(token)
+    assert not matcher.allowed()[tag[-1]]
     assert tools.parse('<tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}]</tool_call>') == [
         {"name": "add", "arguments": {"a": 1, "b": 2}}]
 

@@ -1,24 +1,15 @@
 """The integrations end to end on the embedded model: prefix reuse counted, LangChain LLM and chat
-model, LlamaIndex engines, the LangGraph agent killed and resumed, bad input, concurrency."""
+model, LlamaIndex engines, bad input, concurrency (the LangGraph agent killed and resumed:
+``test_langgraph_kv.py``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 
-from hcmemory import ContextStore
-
 from .test_store import DOC
 
-ROOT = Path(__file__).resolve().parents[1]
 LONG_DOC = " ".join(f"Section {i}: {DOC}" for i in range(12))
 
 
@@ -219,56 +210,6 @@ def test_stock_llamaindex_engine_reuses_the_prompt_prefix():
     assert "eleven" in str(engine.query("When does the night ferry leave?")).lower()
     reply = llm.chat([ChatMessage(role="user", content="Thanks!")])
     assert reply.message.content and llm.metadata.context_window == 8192
-
-
-# --- LangGraph: kill -9, resume ----------------------------------------------------------------------
-
-AGENT = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    from hcmemory.integrations.langchain import ChatHCAttention
-    from hcmemory.integrations.langgraph import Tools, run
-    workdir, file, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-    def on_step(info):
-        print(json.dumps({k: info[k] for k in ("step", "tokens_reused", "tokens_prefilled", "prompt_tokens")}),
-              flush=True)
-        if info["step"] == stop_after:
-            time.sleep(600)  # the parent kills us here, between two steps of the loop
-
-    chat = ChatHCAttention(store=str(Path(workdir) / "kv.sqlite"), max_tokens=16)
-    run("Which page mentions the summit altitude?", "thread-1", workdir, Tools(Path(file), page_chars=300),
-        chat=chat, max_steps=3, on_step=on_step)
-    print("DONE", flush=True)
-""")
-
-
-def test_agent_killed_mid_run_resumes_without_re_prefilling(tmp_path):
-    text = ("The expedition log. " * 60) + "The summit altitude is 6190 meters. " + ("Wind notes. " * 120)
-    (tmp_path / "log.txt").write_text(text)
-    child = subprocess.Popen([sys.executable, "-c", AGENT, str(tmp_path / "w"), str(tmp_path / "log.txt"), "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        steps = [json.loads(child.stdout.readline()) for _ in range(2)]
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert [s["step"] for s in steps] == [1, 2]
-    with ContextStore(tmp_path / "w" / "kv.sqlite") as store:
-        stored = len(store.token_ids("thread-1"))
-    resumed = subprocess.run([sys.executable, "-c", AGENT, str(tmp_path / "w"), str(tmp_path / "log.txt"), "0"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=900)
-    lines = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
-    assert resumed.returncode == 0 and "DONE" in resumed.stdout, resumed.stderr[-2000:]
-    # LangGraph re-runs the node the kill interrupted (step 2); its prompt is already in the KV checkpoint
-    first, second = lines[0], lines[1]
-    assert first["step"] == 2 and first["tokens_prefilled"] <= 2 and first["tokens_reused"] < stored
-    assert first["tokens_reused"] + first["tokens_prefilled"] == first["prompt_tokens"]
-    # the next step prefills only what was added since: the observation and the turn framing
-    assert second["step"] == 3 and second["tokens_reused"] >= first["prompt_tokens"]
-    assert second["tokens_prefilled"] < 0.4 * second["prompt_tokens"]
 
 
 # --- bad input -------------------------------------------------------------------------------------------
