@@ -426,6 +426,42 @@ def chat_turns(messages: Sequence[Mapping[str, Any]], tools: ToolCalls | None = 
     return turns
 
 
+
+class HeldCalls:
+    """An answer's text pieces as they form, with whatever may still become a tool call held back, so
+    that a streaming consumer is shown plain text at once and never half a call as text.
+
+    ``feed(piece)`` returns the text to show now (``""`` while the answer may still open with
+    ``<tool_call>``); ``finish()`` returns the held text that turned out to be plain text and the
+    parsed calls (``ToolCalls.parse``), one of them empty.  Without a ``ToolCalls`` constraint (or
+    under ``tool_choice="none"``) every piece is shown as it comes."""
+
+    def __init__(self, constraint: Constraint | None) -> None:
+        self.constraint = constraint
+        self.held = ""
+        """Text held back so far: the start of an answer that may be, or is, a call."""
+        self._possible = isinstance(constraint, ToolCalls) and constraint.tool_choice != "none"
+
+    def feed(self, piece: str) -> str:
+        if not self._possible:
+            return piece
+        self.held += piece
+        start = self.held.lstrip()
+        if start.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(start):
+            return ""
+        shown, self.held, self._possible = self.held, "", False  # plain text: from here on shown as it forms
+        return shown
+
+    def finish(self) -> tuple[str, list[dict[str, Any]] | None]:
+        """``(text, None)`` for held plain text (``""`` when nothing was held), ``("", calls)`` for calls;
+        ``IncompleteOutput`` when the held text is a call the answer ended inside."""
+        if not self.held:
+            return "", None
+        assert isinstance(self.constraint, ToolCalls)
+        calls = self.constraint.parse(self.held)
+        return ("", calls) if calls is not None else (self.held, None)
+
+
 @dataclass
 class CompiledConstraint:
     """A constraint checked and built for one tokenizer; ``matcher()`` starts a generation."""

@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from hcmemory import ContextStore
 from hcmemory.config import HCConfig
-from hcmemory.constrained import (TOOL_CALL_OPEN, Constraint, ToolCalls, chat_turns,
+from hcmemory.constrained import (Constraint, HeldCalls, ToolCalls, chat_turns,
                                   response_format_constraint)
 from hcmemory.decoding import Generation, GenerationInfo
 
@@ -366,19 +366,13 @@ class ChatHCAttention(HCMemorySettings, BaseChatModel):
             kwargs = {**kwargs, "context_id": str(thread)}
         token_ids, constraint = self._request(messages, kwargs)
         generation = self._start(token_ids, stop, kwargs, constraint)
-        calls_possible = isinstance(constraint, ToolCalls) and constraint.tool_choice != "none"
-        held = ""
+        held = HeldCalls(constraint)
         for piece in generation:
-            if calls_possible:
-                held += piece
-                start = held.lstrip()
-                if start.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(start):
-                    continue
-                piece, held, calls_possible = held, "", False  # plain text: from here on shown as it forms
-            yield self._chunk(AIMessageChunk(content=piece), run_manager, piece)
-        calls = constraint.parse(held) if held else None
-        if calls is None and held:
-            yield self._chunk(AIMessageChunk(content=held), run_manager, held)
+            if shown := held.feed(piece):
+                yield self._chunk(AIMessageChunk(content=shown), run_manager, shown)
+        text, calls = held.finish()
+        if text:
+            yield self._chunk(AIMessageChunk(content=text), run_manager, text)
         for index, call in enumerate(calls or []):
             chunk = AIMessageChunk(content="", tool_call_chunks=[tool_call_chunk(
                 name=call["name"], args=json.dumps(call["arguments"], ensure_ascii=False), id=_call_id(),

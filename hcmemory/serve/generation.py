@@ -1,6 +1,11 @@
 """Turning an OpenAI request into one pool generation on the model thread, and its result back into
 OpenAI's JSON or server-sent events.
 
+An answer under a constraint (tools, ``response_format``) that the token budget ends before the
+grammar is complete is answered, as OpenAI answers a cut JSON-mode reply, with ``finish_reason:
+"length"`` and the text as far as it went (the turn is not committed to the context); it is never
+turned into a tool call, whose arguments would not parse.
+
 ``cached_tokens`` is the pool's own count of prompt tokens it did not prefill (``tokens_reused``: the
 prefix served from the live context, or from its stored checkpoint when it was spilled), so it is as
 true as the pool's bookkeeping: a turn that was prefilled from scratch reports 0.
@@ -19,7 +24,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..decoding import GenerationInfo
+from ..constrained import Constraint, IncompleteOutput
+from ..decoding import GenerationInfo, compile_for
 from .errors import APIError, error_body, library_errors
 from .schemas import PromptTokensDetails, Sampled, Usage
 from .server import Server
@@ -46,10 +52,15 @@ class Turn:
     seed: int | None
     param: str
     """The request field the prompt came from (``messages`` or ``prompt``), named by errors about it."""
+    constraint: Constraint | None = None
+    """What the answer must look like (tool calls, a JSON schema), enforced by the decode loop's mask."""
+    constraint_param: str | None = None
+    """The request field the constraint came from, named when the grammar engine cannot build it."""
 
 
 def turn_of(body: Sampled, settings: ServeSettings, tenant: str, prompt: Callable[[], list[int]],
-            context_id: str | None, param: str) -> Turn:
+            context_id: str | None, param: str, constraint: Constraint | None = None,
+            constraint_param: str | None = None) -> Turn:
     """Check the sampling fields of ``body`` against what this server honours, naming the field refused."""
     refuse = {"n": body.n not in (None, 1), "top_p": body.top_p not in (None, 1.0),
               "presence_penalty": body.presence_penalty not in (None, 0.0),
@@ -69,7 +80,8 @@ def turn_of(body: Sampled, settings: ServeSettings, tenant: str, prompt: Callabl
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and (len(stop) > 4 or any(not s for s in stop)):
         raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_value")
-    return Turn(tenant, prompt, context_id, max_tokens, body.temperature or 0.0, stop or None, body.seed, param)
+    return Turn(tenant, prompt, context_id, max_tokens, body.temperature or 0.0, stop or None, body.seed, param,
+                constraint, constraint_param)
 
 
 def max_new_tokens(requested: int | None, settings: ServeSettings, name: str) -> int:
@@ -89,11 +101,17 @@ def generate(server: Server, turn: Turn, run: Run) -> None:
 
     A pinned conversation that is not live here but stored (spilled, or answered by another replica
     before) is loaded first, timed apart from the prefill: ``x-restore-ms`` says what the load cost.
-    With per-turn checkpoints on, a pinned conversation is marked for its checkpoint afterwards."""
+    With per-turn checkpoints on, a pinned conversation is marked for its checkpoint afterwards.
+
+    A constraint is built first (cached per schema), so one the grammar engine cannot build is a 400
+    naming its field before any context changes; an answer it cuts short ends as ``length`` (module
+    docstring)."""
     if run.cancelled.is_set():
         return
     tenants = server.tenants
     pool = tenants.pool(turn.tenant)
+    with library_errors(turn.constraint_param):
+        compile_for(server.model, server.tokenizer, turn.constraint)
     with library_errors(turn.param):
         prompt = turn.prompt()
         if turn.context_id is not None and turn.context_id not in pool.live_ids and turn.context_id in pool:
@@ -101,15 +119,23 @@ def generate(server: Server, turn: Turn, run: Run) -> None:
             pool.get(turn.context_id)
             run.headers["x-restore-ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
         generation = pool.generate(prompt, turn.context_id, max_new_tokens=turn.max_new_tokens,
-                                   temperature=turn.temperature, stop=turn.stop, seed=turn.seed)
+                                   temperature=turn.temperature, stop=turn.stop, seed=turn.seed,
+                                   constraint=turn.constraint)
     run.info = generation.info
+    emitted = 0
     try:
         for piece in generation:
             run.emit(piece)
+            emitted += len(piece)
             if run.cancelled.is_set():
                 log.info("client gone: generation on context %r ended after %d pieces", generation.info.context_id,
                          generation.info.completion_tokens)
                 break
+    except IncompleteOutput as cut:  # the budget ran out inside the constrained answer (the serve loop has no timeout)
+        if cut.text[emitted:]:
+            run.emit(cut.text[emitted:])
+        generation.info.finish_reason = "length"
+        generation.info.completion_tokens = turn.max_new_tokens  # the mask allows no end before the grammar's
     finally:
         generation.close()
     if server.checkpointer is not None and turn.context_id is not None:
@@ -170,17 +196,21 @@ def sse(data: object) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def events(run: Run, first: str | None, chunk: Callable[[str | None, str | None], dict],
+async def events(run: Run, first: str | None, chunks: Callable[[str | None, str | None], list[dict]],
                  include_usage: bool, usage_chunk: Callable[[Usage], dict]) -> AsyncIterator[str]:
-    """The SSE body: a chunk per piece, the finishing chunk, the usage chunk when asked, ``[DONE]``.  Leaving
-    early (the client closed the stream and Starlette cancelled this) cancels the generation."""
+    """The SSE body: the chunks of each piece (none while a piece is held back), the finishing chunks, the
+    usage chunk when asked, ``[DONE]``.  Leaving early (the client closed the stream and Starlette cancelled
+    this) cancels the generation."""
     try:
         if first is not None:
-            yield sse(chunk(first, None))
+            for frame in chunks(first, None):
+                yield sse(frame)
             async for piece in run:
-                yield sse(chunk(piece, None))
+                for frame in chunks(piece, None):
+                    yield sse(frame)
         info = run.info or GenerationInfo()
-        yield sse(chunk(None, finish_reason(info) or "stop"))
+        for frame in chunks(None, finish_reason(info) or "stop"):
+            yield sse(frame)
         if include_usage:
             yield sse(usage_chunk(usage(info)))
     except APIError as exc:

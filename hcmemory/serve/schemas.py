@@ -2,7 +2,7 @@
 
 Requests are validated strictly (``"5"`` is not an int, as with OpenAI) and unknown fields are ignored,
 because OpenAI's clients add new optional fields faster than servers learn them.  Fields a client may
-send but this server cannot honour (``n`` > 1, tools, penalties, logprobs) are declared so that a
+send but this server cannot honour (``n`` > 1, penalties, logprobs) are declared so that a
 request using them is refused with a message naming the field instead of being answered differently
 from what was asked.
 """
@@ -60,12 +60,16 @@ class ChatMessage(Request):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    """An assistant's earlier calls (``function.arguments`` a JSON string, as OpenAI sends them)."""
+    tool_call_id: str | None = None
+    """The call a ``tool`` message answers (its content is the result)."""
 
 
 class ChatCompletionRequest(Sampled):
     messages: list[ChatMessage]
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     response_format: dict[str, Any] | None = None
 
@@ -90,9 +94,23 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """The call's arguments as a JSON object in text (``json.dumps``), as OpenAI sends them."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    """None when the answer is tool calls."""
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -232,6 +250,9 @@ class Health(BaseModel):
     checkpoints_pending: int = 0
     """Conversations answered since their last checkpoint (per-turn checkpoints only)."""
     checkpoints_written: int = 0
+    checkpoints_refused: int = 0
+    """Checkpoints the store refused because another replica had saved the conversation since (compare-and-set
+    during a failover); this replica dropped its copy and reloads the stored one when next asked."""
     last_checkpoint_ms: float | None = None
     """How long the last checkpoint write took."""
     store_error: str | None = None
