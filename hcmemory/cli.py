@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from .config import HCConfig
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
     s.add_argument("--preset", default=None, help="how conversations store their KV state (default: hc-12.5)")
-    s.add_argument("--store", default=None, help="directory of the tenants' SQLite stores (default: serve/ under the "
-                                                 "cache root); with --ray, the store every replica shares")
+    s.add_argument("--store", default=None, help="a directory of the tenants' SQLite stores (default: serve/ under "
+                                                 "the cache root) or a postgresql:// URL (one database, a namespace "
+                                                 "per tenant); with --ray, the store every replica shares")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY[,KEY...]",
                    help="accept this bearer key (repeatable or comma-separated); each key is its own tenant")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -81,7 +83,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if not args.ray:
-        serve(settings)
+        try:
+            serve(settings)
+        except ConnectionError as exc:  # the store's database, checked before anything starts
+            print(f"hcmemory serve: {exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         from .serve import cluster  # Ray is an extra of its own
@@ -89,7 +95,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--ray needs Ray Serve: pip install 'hcmemory[ray]' ({exc})")
     if args.replicas < 1 or args.replica_cpus <= 0:
         parser.error("--replicas must be >= 1 and --replica-cpus > 0")
-    cluster.run(settings, args.replicas, args.replica_cpus, args.ray_address)
+    try:
+        cluster.run(settings, args.replicas, args.replica_cpus, args.ray_address)
+    except ConnectionError as exc:
+        print(f"hcmemory serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

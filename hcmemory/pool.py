@@ -38,6 +38,15 @@ context's own spill step; reuse forks outside the pool lock; ``match`` reads onl
 snapshots of committed token ids (tuples, replaced whenever a generation on an anonymous context
 ends or it is spilled), never a context's live list.
 
+**Versions (compare-and-set).**  The pool records, per live context, the version of the stored
+checkpoint it continues: the one it was loaded from, or the one its last save or spill wrote (0: none
+yet).  Every save and spill passes it as ``expected_version``, so when two pools on one store hold the
+same conversation (a failover between replicas), the one whose copy is older is refused
+(``StaleCheckpointError``) instead of overwriting the other's turns.  A refused spill (under the cap or on
+``close``) drops the copy without saving it, logged; a refused ``save`` raises and keeps the copy, and
+``discard`` drops it — the next ``get`` loads the newer checkpoint.  ``save_state`` writes a copy taken
+earlier (a server's per-turn checkpoint, written off its model thread) under the same rule.
+
 **Failures.**  A rejected request (a bad prompt or sampling argument, ``max_new_tokens`` beyond the
 model's window) leaves the pool exactly as it was: a new, loaded or forked context is registered
 only once its request was accepted.  A spilled context object is closed: a reference kept from
@@ -61,7 +70,7 @@ from .config import HCConfig, coerce_config
 from .context import HCContext, _shared_prefix, check_id
 from .decoding import Generation
 from .models import check_model, check_tokenizer
-from .stores import DEFAULT_TAG, CheckpointNotFoundError, ContextStore
+from .stores import DEFAULT_TAG, CheckpointNotFoundError, ContextStore, SavedCheckpoint, StaleCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +113,13 @@ class ContextPool:
         """Fork id -> the stored candidate it covers, deleted from the store once the fork is stored."""
         self._in_use: Counter[str] = Counter()
         """Generations the pool handed out (and forks being copied) per context: never spilled or superseded."""
+        self._versions: dict[str, int] = {}
+        """The stored version each live context continues (see Versions); absent means 0, nothing stored."""
         self._lock = threading.RLock()
+        self._saving: dict[str, HCContext] = {}
+        """Contexts whose copy ``save_state`` is writing now, without the pool's lock: another save of the
+        same context waits for it (``_saved``), so the two never race on one version."""
+        self._saved = threading.Condition(self._lock)
 
     # --- contexts by id ------------------------------------------------------------------------
     def get(self, context_id: str) -> HCContext:
@@ -114,7 +129,7 @@ class ContextPool:
         with self._lock:
             ctx = self._live_context(context_id)
             if ctx is None:
-                ctx = self._open(context_id)
+                ctx, self._versions[context_id] = self._open(context_id)
                 self._live[context_id] = ctx
             self._live.move_to_end(context_id)
             self._claim(context_id)
@@ -154,16 +169,41 @@ class ContextPool:
         if ctx is not None:
             ctx.close()  # outside the pool's lock: waits for a call in progress on it
         with self._lock:
-            if ctx is not None and self._live.get(context_id) is ctx:
-                del self._live[context_id]
-            self._anonymous.discard(context_id)
-            self._committed.pop(context_id, None)
+            self._unregister(context_id, ctx)
             if self._stored is not None:
                 self._stored.pop(context_id, None)
             self._superseded.pop(context_id, None)
             if self.store is not None and context_id in self.store:
                 self.store.delete(context_id)
         log.info("deleted context %r", context_id)
+
+    def discard(self, context_id: str) -> bool:
+        """Close a live context and forget it *without saving it*; its stored checkpoints stay as they
+        are, and the next ``get`` loads them.  For a copy found stale (``StaleCheckpointError``: another
+        writer saved the conversation since): saving it would overwrite newer turns, and answering from it
+        would ignore them.  False when it is not live; ``ContextInUseError`` while a generation the pool
+        handed out runs on it."""
+        check_id(context_id)
+        with self._lock:
+            ctx = self._live_context(context_id)
+            if ctx is None:
+                return False
+            if context_id in self._in_use:
+                raise ContextInUseError(f"context {context_id!r} is in use by a generation that has not finished; "
+                                        "discard it once that generation is consumed or closed")
+        ctx.close()  # outside the pool's lock: waits for a call in progress on it
+        with self._lock:
+            self._unregister(context_id, ctx)
+        log.info("discarded context %r without saving it", context_id)
+        return True
+
+    def _unregister(self, context_id: str, ctx: HCContext | None) -> None:
+        """Drop ``ctx`` (when it is still the live ``context_id``) from the live contexts and their records."""
+        if ctx is not None and self._live.get(context_id) is ctx:
+            del self._live[context_id]
+        self._anonymous.discard(context_id)
+        self._committed.pop(context_id, None)
+        self._versions.pop(context_id, None)
 
     def _live_context(self, context_id: str) -> HCContext | None:
         """The live context ``context_id``; one its user closed is forgotten."""
@@ -179,18 +219,19 @@ class ContextPool:
 
     def _forget(self, context_id: str) -> None:
         """Drop a context closed by its user: its state is gone, so it is neither live nor a candidate."""
-        del self._live[context_id]
-        self._anonymous.discard(context_id)
-        self._committed.pop(context_id, None)
+        self._unregister(context_id, self._live[context_id])
         log.info("context %r was closed by its user; the pool forgot it", context_id)
 
-    def _open(self, context_id: str) -> HCContext:
-        """A context that is not live, not registered yet: loaded from the store if it holds one, else new."""
+    def _open(self, context_id: str) -> tuple[HCContext, int]:
+        """A context that is not live, not registered yet, and the version of ``"latest"`` it continues:
+        loaded from the store if it holds one, else new (0).  One stored only as a reuse candidate is
+        named from now on, saved under ``"latest"``, which it has no version of yet."""
         if self.store is not None:
-            for tag in (DEFAULT_TAG, REUSE_TAG):
-                if self.store.exists(context_id, tag):
-                    return self.store.load(context_id, self.model, self.tokenizer, tag)
-        return HCContext(self.model, self.tokenizer, self.config, context_id=context_id)
+            if self.store.exists(context_id, DEFAULT_TAG):
+                return self.store.load_versioned(context_id, self.model, self.tokenizer, DEFAULT_TAG)
+            if self.store.exists(context_id, REUSE_TAG):
+                return self.store.load(context_id, self.model, self.tokenizer, REUSE_TAG), 0
+        return HCContext(self.model, self.tokenizer, self.config, context_id=context_id), 0
 
     def _claim(self, context_id: str) -> None:
         """``context_id`` was addressed by id: it is named from now on, no candidate for anyone else."""
@@ -269,10 +310,11 @@ class ContextPool:
             ctx = self._live_context(context_id)
             opened = ctx is None
             if opened:
-                ctx = self._open(context_id)
+                ctx, version = self._open(context_id)
             gen = ctx.generate(token_ids, **sampling)  # checks the request before the pool changes
             if opened:
                 self._live[context_id] = ctx
+                self._versions[context_id] = version
             self._live.move_to_end(context_id)
             self._claim(context_id)
             self._hold(ctx, gen, None)
@@ -332,8 +374,7 @@ class ContextPool:
                 return
             if source in self._committed:
                 if held[:len(self._committed[source])] == self._committed[source]:
-                    del self._committed[source], self._live[source]
-                    self._anonymous.discard(source)
+                    self._unregister(source, self._live[source])
                 return
             covered = None if self._stored is None else self._stored.get(source)
             if covered is not None and held[:len(covered)] == covered:
@@ -360,9 +401,11 @@ class ContextPool:
         return found
 
     # --- memory --------------------------------------------------------------------------------
-    def save(self, context_id: str) -> None:
+    def save(self, context_id: str) -> SavedCheckpoint | None:
         """Checkpoint a live context to the store now, keeping it live (e.g. after every agent step).
-        Like ``get``, it makes the context the caller's own: no request without its id reuses it."""
+        Like ``get``, it makes the context the caller's own: no request without its id reuses it.
+        ``StaleCheckpointError`` (the copy kept) when another writer saved it since this pool loaded or
+        last saved it; None when another call of this pool saved or spilled it meanwhile."""
         check_id(context_id)
         if self.store is None:
             raise ValueError("this pool has no store to save to; create it with store=ContextStore(path)")
@@ -370,10 +413,51 @@ class ContextPool:
             ctx = self._live_context(context_id)
             if ctx is None:
                 raise KeyError(f"context {context_id!r} is not live; live contexts: {list(self._live)}")
-        state = ctx.to_state()  # copied under the context's guard, before the store's lock (see guard.py)
-        self.store.save_state(state, context_id, DEFAULT_TAG)
-        with self._lock:
             self._claim(context_id)
+            expected = self._versions.get(context_id, 0)
+        state = ctx.to_state()  # copied under the context's guard, before the store's lock (see guard.py)
+        return self.save_state(context_id, state, expected)
+
+    def version(self, context_id: str) -> int:
+        """The stored version (of ``"latest"``) the live context ``context_id`` continues — the one it was
+        loaded from or last saved as; 0 when it has not been stored.  ``KeyError`` when it is not live."""
+        check_id(context_id)
+        with self._lock:
+            if self._live_context(context_id) is None:
+                raise KeyError(f"context {context_id!r} is not live; live contexts: {list(self._live)}")
+            return self._versions.get(context_id, 0)
+
+    def save_state(self, context_id: str, state: ContextState, expected_version: int) -> SavedCheckpoint | None:
+        """Store ``state``, a copy of the live context ``context_id`` taken when its ``version()`` was
+        ``expected_version``, as its ``"latest"`` checkpoint, and record the new version.
+
+        Why a copy taken earlier: a server copies a context on its model thread and writes it on another,
+        so the model never waits for the database.  Returns None, writing nothing, when the copy is
+        obsolete — the context was saved, spilled, reloaded or dropped by this pool since (that newer save
+        covers it).  ``StaleCheckpointError`` when the store holds another version: someone else saved the
+        conversation since; nothing is changed, and the caller should ``discard`` its copy."""
+        if self.store is None:
+            raise ValueError("this pool has no store to save to; create it with store=ContextStore(path)")
+        with self._lock:
+            while True:
+                ctx = self._live_context(context_id)
+                if ctx is None or self._versions.get(context_id, 0) != expected_version:
+                    return None
+                if context_id not in self._saving:
+                    break
+                self._saved.wait()  # another copy of it is being written: this one may be obsolete after it
+            self._saving[context_id] = ctx
+        saved = None
+        try:
+            saved = self.store.save_state(state, context_id, DEFAULT_TAG, expected_version=expected_version)
+            return saved
+        finally:
+            with self._lock:
+                del self._saving[context_id]
+                if saved is not None and self._live.get(context_id) is ctx:
+                    self._versions[context_id] = saved.version
+                    self._claim(context_id)
+                self._saved.notify_all()
 
     def spill(self, context_id: str) -> None:
         """Save a live context to the store (if any) and close it.  Waits for a call in progress on
@@ -398,15 +482,20 @@ class ContextPool:
                 if context_id in self._in_use:
                     raise ContextInUseError(f"context {context_id!r} is in use by a generation that has not finished; "
                                             "spill it once that generation is consumed or closed")
+                while context_id in self._saving:  # a copy of it is being written (save_state): after it
+                    self._saved.wait()
                 anonymous = context_id in self._anonymous
                 if self.store is not None:
-                    self.store.save_state(state, context_id, REUSE_TAG if anonymous else DEFAULT_TAG)
-                    if anonymous:
-                        self._stored_candidates()[context_id] = tuple(state.token_ids)
-                        self._delete_superseded(context_id)
-                del self._live[context_id]
-                self._anonymous.discard(context_id)
-                self._committed.pop(context_id, None)
+                    try:
+                        self.store.save_state(state, context_id, REUSE_TAG if anonymous else DEFAULT_TAG,
+                                              expected_version=self._versions.get(context_id, 0))
+                    except StaleCheckpointError as exc:
+                        log.warning("context %r was not spilled, it was dropped: %s", context_id, exc)
+                    else:
+                        if anonymous:
+                            self._stored_candidates()[context_id] = tuple(state.token_ids)
+                            self._delete_superseded(context_id)
+                self._unregister(context_id, ctx)
 
         if not ctx.spill(save, blocking):
             return False
@@ -461,7 +550,7 @@ class ContextPool:
         for context_id, ctx in list(self._live.items())[:-1]:
             if total <= self.max_host_bytes:
                 break
-            if context_id in self._in_use:
+            if context_id in self._in_use or context_id in self._saving:
                 continue
             try:
                 spilled = self._spill(context_id, ctx, blocking=False)

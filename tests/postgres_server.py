@@ -67,6 +67,16 @@ class PostgresServer:
                   "start")
         return self
 
+    def database(self, name: str) -> str:
+        """The URL of database ``name`` on this server, created empty on first use: a test module that needs
+        to see every row (or the tables' absence) has a database of its own."""
+        import psycopg  # here: the module is imported where psycopg is absent too
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn.rsplit("/", 1)[0] + f"/{name}"
+
     def stop(self, mode: str = "fast") -> None:
         """``fast`` shuts down cleanly; ``immediate`` is a crash (no checkpoint, recovery on the next start)."""
         self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", check=False)

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from hcmemory import ContextBusyError, HCCache, HCConfig, HCContext, cache_kwarg
 from hcmemory.calibration import codebook_path
-from hcmemory.checkpoint import FORMAT_VERSION, OLDEST_READABLE, CheckpointError
+from hcmemory.checkpoint import OLDEST_READABLE, CheckpointError
 from hcmemory.glue import hc_attention_forward
 from hcmemory.layer import HCLayer
 from hcmemory.pool import ContextPool

@@ -21,7 +21,7 @@ import torch
 from hcmemory.checkpoint import CheckpointError
 from hcmemory.context import HCContext
 from hcmemory.stores import CheckpointNotFoundError, ContextStore, StaleCheckpointError
-from hcmemory.stores import context_store
+from hcmemory.stores import chunking
 
 from .conftest import tiny_model
 from .postgres_server import PostgresServer
@@ -280,7 +280,7 @@ def test_killing_the_database_mid_commit_keeps_the_last_committed_version(tiny, 
         committed = store.save(ctx)
         ctx.append(list(range(100, 180)))
         blocked, release, calls = threading.Event(), threading.Event(), []
-        real_tensor_bytes = context_store.tensor_bytes
+        real_tensor_bytes = chunking.tensor_bytes
 
         def stalling_tensor_bytes(tensor):
             if threading.current_thread().name == "saver":
@@ -290,7 +290,7 @@ def test_killing_the_database_mid_commit_keeps_the_last_committed_version(tiny, 
                     release.wait(60)
             return real_tensor_bytes(tensor)
 
-        monkeypatch.setattr(context_store, "tensor_bytes", stalling_tensor_bytes)
+        monkeypatch.setattr(chunking, "tensor_bytes", stalling_tensor_bytes)
         errors: list[BaseException] = []
 
         def save() -> None:

@@ -7,12 +7,17 @@ and prefilling only the new turn's tokens, with the same greedy answer as a sing
 other conversation answers its next turn with nothing lost either (the same reuse and answers as if
 nothing had happened).  The single-process run is computed first, in this process, with a plain
 ``ContextPool`` of the same preset: it gives the expected answers and the tokens a live continuation reuses.
+
+The replicas share a PostgreSQL database (the ``postgres`` fixture), the store of a deployment on many
+machines; the SQLite directory of a one-machine deployment goes through the same ``open_store`` and is
+covered by the single-process server's tests.
 """
 
 from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +90,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(reference: dict[str, Reference], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def store(postgres) -> str:
+    """The store the replicas share: a database of its own on the test server."""
+    return postgres.database(f"ray_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(reference: dict[str, Reference], store: Path | str) -> Iterator[tuple[str, Path | str]]:
     """A local Ray cluster serving two model replicas and the ingress on 127.0.0.1; yields the base URL and
-    the store directory."""
-    store = tmp_path_factory.mktemp("ray-stores")
+    the store."""
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -142,8 +152,8 @@ def _wait_checkpointed(base: str, conversations: list[str]) -> None:
         assert health["status"] == "ok", health
 
 
-def test_failover_restores_from_the_store(cluster: tuple[str, Path], reference: dict[str, Reference]) -> None:
-    base, store_dir = cluster
+def test_failover_restores_from_the_store(cluster: tuple[str, Path | str], reference: dict[str, Reference]) -> None:
+    base, location = cluster
     owners: dict[str, str] = {}
     for turn in range(3):
         for conversation in CONVERSATIONS:
@@ -157,7 +167,7 @@ def test_failover_restores_from_the_store(cluster: tuple[str, Path], reference: 
     _wait_checkpointed(base, CONVERSATIONS)
 
     # Every conversation's three turns are in the shared store, as a single process holds them.
-    store = open_store(store_dir, "default")
+    store = open_store(location, "default")
     try:
         assert set(CONVERSATIONS) <= set(store.list())
     finally:
@@ -189,15 +199,15 @@ def test_failover_restores_from_the_store(cluster: tuple[str, Path], reference: 
             assert answer.replica not in before and answer.restored, (conversation, answer)
 
 
-def test_shutdown_saves_live_contexts(cluster: tuple[str, Path]) -> None:
+def test_shutdown_saves_live_contexts(cluster: tuple[str, Path | str]) -> None:
     """A request without a session id is not checkpointed per turn; Serve's shutdown saves it (last test:
     it ends the deployment the module's cluster serves)."""
-    base, store_dir = cluster
+    base, location = cluster
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S)
     raw = client.chat.completions.with_raw_response.create(model=MODEL, max_tokens=MAX_TOKENS,
                                                            messages=[{"role": "user", "content": "Hello there."}])
     context_id = raw.headers["x-context-id"]
-    store = open_store(store_dir, "default")
+    store = open_store(location, "default")
     try:
         assert context_id not in store
         serve.shutdown()

@@ -21,6 +21,7 @@ from .limits import BodyLimit
 from .routers import completions, contexts, health
 from .server import Server
 from .settings import ServeSettings
+from .stores import check_reachable, describe
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ def create_app(settings: ServeSettings | None = None, replica_id: str | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server = await asyncio.to_thread(Server.start, settings, replica_id)
         app.state.server = server
-        log.info("serving %s (preset %s) with stores in %s%s", server.model_id, settings.preset, settings.store,
-                 "" if settings.api_keys else "; no API keys: tenants come from x-tenant-id")
+        log.info("serving %s (preset %s) with stores in %s%s", server.model_id, settings.preset,
+                 describe(settings.store), "" if settings.api_keys else "; no API keys: tenants come from x-tenant-id")
         try:
             yield
         finally:
@@ -54,7 +55,9 @@ def create_app(settings: ServeSettings | None = None, replica_id: str | None = N
 
 
 def serve(settings: ServeSettings) -> None:
-    """Run the server until interrupted (Ctrl-C or SIGTERM, which save the live contexts first)."""
+    """Run the server until interrupted (Ctrl-C or SIGTERM, which save the live contexts first).
+    ``ConnectionError`` before anything starts when the store's database cannot be reached."""
+    check_reachable(settings.store)
     if settings.exposed and not settings.api_keys:
         log.warning("listening on %s without API keys: anyone who can reach it can read and write every "
                     "tenant's memory by naming it in x-tenant-id; pass --api-key", settings.host)

@@ -17,6 +17,14 @@ previous checkpoint whole (``ContextStore.save_state`` is all or nothing).
 conversation's next turn reaches it (``ContextPool.get`` reloads ids its store holds) and prefills only
 the tokens after it.  A conversation that left memory meanwhile (spilled under the cap) was saved by
 the spill itself, so it is skipped here.
+
+**Compare-and-set.**  During a failover two replicas can both hold a conversation live (Ray's ring moves
+it to a survivor, then partly to the replacement).  Each write therefore passes the version the copy
+continues (``ContextPool.version``: the checkpoint it was loaded from or last wrote; 0 for a new
+conversation) as ``expected_version``.  A write the store refuses (``StaleCheckpointError``: the other
+replica saved since) is not retried and not merged: this replica drops its live copy without saving it
+(``ContextPool.discard``), and the conversation's next turn here loads the newer checkpoint.  A refusal
+proves the store reachable, so it does not make the server degraded; ``/health`` counts it.
 """
 
 from __future__ import annotations
@@ -30,15 +38,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..checkpoint import ContextState
-from ..stores import DEFAULT_TAG, ContextStore
+from ..pool import ContextPool
+from ..stores import StaleCheckpointError
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 """``(tenant, context id)``."""
-Snapshot = Callable[[str, str], "tuple[ContextStore, ContextState] | None"]
-"""Runs on the model thread: the tenant's store and a copy of the context's state, or None when the
-context is no longer live (spilled, which saved it, or deleted)."""
+Snapshot = Callable[[str, str], "tuple[ContextPool, ContextState, int] | None"]
+"""Runs on the model thread: the tenant's pool, a copy of the context's state and the stored version it
+continues, or None when the context is no longer live (spilled, which saved it, or deleted)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class CheckpointStatus:
     pending: int
     """Conversations answered since their last successful checkpoint."""
     written: int
+    refused: int
+    """Writes the store refused because another writer had saved the conversation since (its copy here
+    was dropped)."""
     last_error: str | None
     last_write_ms: float | None
     """How long the last successful write took (state copy excluded)."""
@@ -68,6 +80,7 @@ class Checkpointer:
         self._wake = threading.Condition()
         self._closing = False
         self._written = 0
+        self._refused = 0
         self._error: str | None = None
         self._write_ms: float | None = None
         self._thread = threading.Thread(target=self._loop, name="hcmemory-checkpoints", daemon=True)
@@ -82,8 +95,8 @@ class Checkpointer:
     def status(self) -> CheckpointStatus:
         with self._wake:
             pending = len(self._dirty) + (self._writing is not None and self._writing not in self._dirty)
-            return CheckpointStatus("degraded" if self._error else "ok", pending, self._written, self._error,
-                                    self._write_ms)
+            return CheckpointStatus("degraded" if self._error else "ok", pending, self._written, self._refused,
+                                    self._error, self._write_ms)
 
     def close(self, timeout: float = 30.0) -> None:
         """End the writer after the write in progress (the server's shutdown then saves every live
@@ -141,16 +154,40 @@ class Checkpointer:
             return True
         if found is None:
             return True
-        store, state = found
+        pool, state, version = found
         started = time.perf_counter()
         try:
-            store.save_state(state, context_id, DEFAULT_TAG)
+            saved = pool.save_state(context_id, state, version)
+        except StaleCheckpointError as exc:
+            self._drop(pool, context_id, version, exc)
+            saved = None
         except Exception as exc:  # noqa: BLE001 - any failure of the store: retried, never fatal to serving
             return self._failed(context_id, exc)
         with self._wake:
             if self._error is not None:
                 log.warning("the store takes checkpoints again; catching up on %d conversations", len(self._dirty))
             self._error = None
-            self._written += 1
-            self._write_ms = (time.perf_counter() - started) * 1000
+            if saved is not None:
+                self._written += 1
+                self._write_ms = (time.perf_counter() - started) * 1000
         return True
+
+    def _drop(self, pool: ContextPool, context_id: str, version: int, exc: StaleCheckpointError) -> None:
+        """Another writer saved ``context_id`` since this copy's version: drop the live copy without saving
+        it (on the model thread), unless the pool has moved on from that version meanwhile."""
+        log.warning("checkpoint of context %r refused, its live copy here is dropped: %s", context_id, exc)
+        with self._wake:
+            self._refused += 1
+
+        def drop() -> None:
+            if context_id in pool.live_ids and pool.version(context_id) == version:
+                pool.discard(context_id)
+
+        try:
+            dropped = self._on_model_thread(drop)
+        except RuntimeError:  # the model thread has ended: the copy goes with the process
+            return
+        try:
+            dropped.result()
+        except Exception:  # noqa: BLE001 - the writer thread must go on with the other conversations
+            log.exception("could not drop the stale copy of context %r", context_id)

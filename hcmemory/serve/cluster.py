@@ -1,4 +1,5 @@
-"""Many replicas on Ray Serve: ``hcmemory serve --ray --replicas N --store <directory>``.
+"""Many replicas on Ray Serve: ``hcmemory serve --ray --replicas N --store postgresql://…`` (or a directory,
+for replicas on one machine).
 
 Two deployments:
 
@@ -61,6 +62,7 @@ from .deps import pinned_context
 from .errors import APIError
 from .limits import BodyLimit
 from .settings import ServeSettings
+from .stores import check_reachable, describe
 
 log = logging.getLogger(__name__)
 
@@ -288,12 +290,14 @@ def build(settings: ServeSettings, replicas: int, replica_cpus: float = 1.0,
 
 def run(settings: ServeSettings, replicas: int, replica_cpus: float = 1.0, address: str | None = None) -> None:
     """Start (or join, with ``address``) a Ray cluster, deploy, and serve until Ctrl-C or SIGTERM; then
-    shut Serve down, which saves every replica's live contexts."""
+    shut Serve down, which saves every replica's live contexts.  ``ConnectionError`` before anything
+    starts when the store's database cannot be reached from here."""
+    check_reachable(settings.store)
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build(settings, replicas, replica_cpus), name=APP_NAME, route_prefix="/")
     log.info("serving on http://%s:%d with %d model replicas; stores in %s", settings.host, settings.port, replicas,
-             settings.store)
+             describe(settings.store))
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -3,11 +3,12 @@ the ``openai`` client, LangChain and LlamaIndex raise their usual exceptions wit
 
 Status codes: 400 a request that cannot be answered as sent (malformed JSON, an empty conversation, a
 ``max_tokens`` over the limit), 401 a missing or wrong API key, 404 an unknown model or context, 409 a
-context id already taken, 413 a body over the size limit, 422 a body whose fields have the wrong type or
-are missing (FastAPI's validation, reshaped here to name the field), 429 too many model calls queued,
-503 the server is starting or closing.  Errors raised by hcmemory itself (``ValueError``/``TypeError``
-at its boundary, with messages that say what to change) become 400s naming the request field they
-concern.
+context id already taken or a conversation another replica saved since this one loaded it, 413 a body
+over the size limit, 422 a body whose fields have the wrong type or are missing (FastAPI's validation,
+reshaped here to name the field), 429 too many model calls queued, 503 the server is starting or
+closing, or the store a request needs is unreachable (``store_unavailable``, from any route).  Errors
+raised by hcmemory itself (``ValueError``/``TypeError`` at its boundary, with messages that say what to
+change) become 400s naming the request field they concern.
 """
 
 from __future__ import annotations
@@ -66,12 +67,16 @@ def library_errors(param: str | None) -> Iterator[None]:
     except CheckpointError as exc:
         raise APIError(500, f"a stored context could not be read: {exc}", param, "checkpoint_error") from exc
     except OSError as exc:  # the store's database is unreachable (TimeoutError is an OSError too)
-        raise APIError(503, f"the context store is unreachable ({exc}); conversations live in this server's memory "
-                            "are still answered, this one needs its store: retry shortly", param,
-                       "store_unavailable") from exc
+        raise store_unavailable(exc, param) from exc
     except (ValueError, TypeError) as exc:
         code = "context_length_exceeded" if "window" in str(exc) else "invalid_value"
         raise APIError(400, str(exc), param, code) from exc
+
+
+def store_unavailable(exc: OSError, param: str | None = None) -> APIError:
+    """503 for a request that needs a store its server cannot reach now."""
+    return APIError(503, f"the context store is unreachable ({exc}); conversations live in this server's memory "
+                         "are still answered, this one needs its store: retry shortly", param, "store_unavailable")
 
 
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|none|list|dict)$|[^a-z0-9_-]")
@@ -117,6 +122,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                         headers=exc.headers)
 
 
+async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+    """An ``OSError`` no route turned into an answer: a store (database, disk) failing under the request."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return store_unavailable(exc).response()
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)
     return JSONResponse(error_body(500, f"internal error ({type(exc).__name__}); the server logged the traceback"),
@@ -128,4 +139,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected)

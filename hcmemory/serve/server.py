@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from ..config import HCConfig
 from ..models import shared_model
 from ..checkpoint import ContextState
-from ..stores import ContextStore
+from ..pool import ContextPool
 from .checkpoints import Checkpointer
 from .settings import ServeSettings
 from .tenants import Tenants
@@ -52,12 +52,13 @@ class Server:
             await asyncio.to_thread(self.checkpointer.close)
         await self.worker.close(self.tenants.close)
 
-    def _snapshot(self, tenant: str, context_id: str) -> tuple[ContextStore, ContextState] | None:
-        """On the model thread: a copy of a live context's state for the checkpoint writer."""
+    def _snapshot(self, tenant: str, context_id: str) -> tuple[ContextPool, ContextState, int] | None:
+        """On the model thread: a copy of a live context's state, and the version it continues, for the
+        checkpoint writer."""
         pool = self.tenants.live_pool(tenant)
         if pool is None or pool.store is None or context_id not in pool.live_ids:
             return None  # spilled (and saved by the spill), deleted, or its tenant closed (saving it)
-        return pool.store, pool.get(context_id).to_state()
+        return pool, pool.get(context_id).to_state(), pool.version(context_id)
 
     @property
     def model_id(self) -> str:

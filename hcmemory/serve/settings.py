@@ -30,7 +30,8 @@ class ServeSettings:
     preset: str = DEFAULT_PRESET
     """How new conversations store their KV state (a preset name or ``preset:field=value,...``)."""
     store: Path | str = field(default_factory=default_store_dir)
-    """A directory holding one SQLite ``ContextStore`` per tenant (``stores.open_store`` reads it)."""
+    """A directory holding one SQLite ``ContextStore`` per tenant, or a ``postgresql://`` URL: one database
+    shared by every replica, a namespace per tenant (``stores.open_store`` reads it)."""
     api_keys: tuple[str, ...] = ()
     """Bearer keys accepted; empty means no authentication and tenants named by ``x-tenant-id``."""
     max_tokens_limit: int = 2048

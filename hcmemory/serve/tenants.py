@@ -4,8 +4,9 @@ Why a pool per tenant rather than one pool with prefixed ids: the pool's prefix 
 context it knows, live or stored, so in a shared pool a stateless request from one tenant could be
 continued from (and its reply shaped by) another tenant's conversation — llama.cpp#27148's bug.  With a
 pool per tenant that cannot happen by construction: a tenant's pool never sees another tenant's tokens.
-For the same reason each tenant has its own store file: a pool also matches against the token ids of
-every context in its store.  Ids therefore need no prefix either: the same session id sent by two
+For the same reason each tenant has its own store — a SQLite file, or a namespace of the shared
+PostgreSQL database (``stores.open_store``): a pool also matches against the token ids of every context
+in its store.  Ids therefore need no prefix either: the same session id sent by two
 tenants names two different contexts.
 
 Every method here runs on the model thread (``worker.py``), so no call is ever in progress on a

@@ -7,7 +7,8 @@ default) or PostgreSQL (one database shared by many machines and tenants).
 
 from .base import (CheckpointNotFoundError, IndexEntry, SavedCheckpoint, StaleCheckpointError, StoreBackend,
                    StoredCheckpoint, redacted)
-from .context_store import CHUNK_BYTES, DEFAULT_TAG, ContextStore, open_backend
+from .chunking import CHUNK_BYTES
+from .context_store import DEFAULT_TAG, ContextStore, open_backend
 
 __all__ = ["CHUNK_BYTES", "DEFAULT_TAG", "CheckpointNotFoundError", "ContextStore", "IndexEntry", "SavedCheckpoint",
            "StaleCheckpointError", "StoreBackend", "StoredCheckpoint", "open_backend", "redacted"]

@@ -48,17 +48,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..checkpoint import (CheckpointError, ContextState, check_compatible, check_version, damaged, dtype_name,
-                          encode_header, parse_header, sha256, tensor_bytes, upgraded_config)
+                          encode_header, parse_header, sha256, upgraded_config)
 from ..config import HCConfig, is_int
 from ..context import HCContext, check_id
 from .base import (Chunk, CheckpointNotFoundError, IndexEntry, SavedCheckpoint, StoreBackend, StoredCheckpoint,
                    check_expected_version, check_namespace)
+from .chunking import CHUNK_BYTES, encode_checkpoint
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 64 * 2**20
-"""Most tensor bytes per stored chunk: far below SQLite's ~1 GB blob limit and PostgreSQL's 1 GB
-bytea limit, small enough that reading and hashing a chunk stays cheap."""
 DEFAULT_TAG = "latest"
 """The tag a checkpoint gets when none is given; ``ContextPool`` spills under it."""
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -101,44 +99,6 @@ class _TensorSpec:
 
     def chunk_shape(self, rows: int) -> tuple[int, ...]:
         return self.shape[:self.dim] + (rows,) + self.shape[self.dim + 1:] if self.shape else ()
-
-
-def _split(tensor: torch.Tensor, chunk_bytes: int) -> tuple[int, int, list[torch.Tensor]]:
-    """(dimension, rows per chunk, pieces): rows of ``(heads, rows, ...)`` stores, dim 0 of 1-D tensors.
-
-    Every piece but the last has exactly ``rows per chunk`` rows, a number that depends only on
-    ``chunk_bytes`` and the row size: appending rows never moves an earlier chunk's boundaries.
-    """
-    dim = 1 if tensor.dim() >= 2 else 0
-    if tensor.dim() == 0 or tensor.numel() == 0:
-        return dim, 1, [tensor]
-    row_bytes = tensor.numel() // tensor.shape[dim] * tensor.element_size()
-    rows = max(1, chunk_bytes // row_bytes)
-    return dim, rows, list(tensor.split(rows, dim))
-
-
-def encode_checkpoint(header: dict[str, Any], tensors: dict[str, torch.Tensor], chunk_bytes: int
-                      ) -> tuple[Iterator[Chunk], Any]:
-    """``(chunks, header)`` for a backend's ``save``: the tensors' row chunks as ``(sha256, bytes)``,
-    generated lazily, and a function giving the header's bytes with the manifest those chunks filled in
-    (valid once the last chunk was taken)."""
-    manifest: dict[str, Any] = {}
-
-    def chunks() -> Iterator[Chunk]:
-        seq = 0
-        for name, tensor in tensors.items():
-            dim, rows_per_chunk, pieces = _split(tensor, chunk_bytes)
-            entries = []
-            for piece in pieces:
-                data = tensor_bytes(piece)
-                digest = sha256(data)
-                entries.append({"seq": seq, "rows": int(piece.shape[dim]) if piece.dim() else 1, "sha256": digest})
-                yield digest, data
-                seq += 1
-            manifest[name] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "dim": dim,
-                              "rows_per_chunk": rows_per_chunk, "chunks": entries}
-
-    return chunks(), lambda: encode_header({**header, "tensors": manifest})
 
 
 def _tag(tag: str | None) -> str:

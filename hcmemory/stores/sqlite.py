@@ -46,6 +46,7 @@ import torch
 
 from ..checkpoint import MAX_HEADER_BYTES, CheckpointError, damaged, parse_header, sha256
 from .base import Chunk, StaleCheckpointError, StoredCheckpoint, WriteResult
+from .chunking import CHUNK_BYTES, encode_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +386,6 @@ def _legacy_checkpoints(conn: sqlite3.Connection, location: str
     That layout kept a JSON header under ``meta/<context id>/<tag>`` (URL-quoted) and each row chunk as a
     one-tensor safetensors blob (tensor ``rows``) under the key its manifest names.
     """
-    from .context_store import CHUNK_BYTES, encode_checkpoint  # the store's own chunking: no second copy of it
-
     for key, value in conn.execute(f"SELECT key, value FROM \"{_LEGACY_TABLE}\" WHERE key >= 'meta/' AND key < 'meta0' "
                                    "ORDER BY key").fetchall():
         parts = key[len("meta/"):].split("/")

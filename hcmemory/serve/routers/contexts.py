@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from ...config import HCConfig
 from ...context import HCContext
 from ...pool import ContextPool
-from ...stores import ContextStore
+from ...stores import ContextStore, StaleCheckpointError
 from ..deps import CallerDep, ServerDep, get_caller
 from ..errors import APIError, library_errors
 from ..generation import collect, max_new_tokens, usage
@@ -50,9 +50,22 @@ def _existing(pool: ContextPool, context_id: str) -> HCContext:
 def _new_id(pool: ContextPool, requested: str | None) -> str:
     context_id = requested or uuid.uuid4().hex
     if context_id in pool:
-        raise APIError(409, f"a context {context_id!r} already exists for this tenant; pick another id or leave it "
-                            "out for a random one", "id", "context_exists")
+        raise _exists(context_id)
     return context_id
+
+
+def _exists(context_id: str) -> APIError:
+    return APIError(409, f"a context {context_id!r} already exists for this tenant; pick another id or leave it out "
+                         "for a random one", "id", "context_exists")
+
+
+def _save_new(pool: ContextPool, ctx: HCContext) -> None:
+    """Store a new context as its first checkpoint (the pool then loads it): ``expected_version=0``, so that
+    of two replicas creating the same id at once, the second is refused rather than replacing the first."""
+    try:
+        _store(pool).save(ctx, expected_version=0)
+    except StaleCheckpointError as exc:
+        raise _exists(ctx.context_id) from exc
 
 
 def _preset(config: HCConfig) -> str | None:
@@ -76,7 +89,7 @@ async def create_context(body: ContextCreate, server: ServerDep, caller: CallerD
         context_id = _new_id(pool, body.id)
         # Created in the store, then made live by the pool: a pool builds new contexts with its own
         # preset only, and the stored copy makes the new context durable from the start.
-        _store(pool).save(HCContext(server.model, server.tokenizer, config, context_id), context_id)
+        _save_new(pool, HCContext(server.model, server.tokenizer, config, context_id))
         return _info(server, pool.get(context_id))
 
     return await server.worker.call(job)
@@ -148,7 +161,7 @@ async def fork(context_id: ContextId, body: ForkRequest, server: ServerDep, call
         source = _existing(pool, context_id)
         twin_id = _new_id(pool, body.id)
         # The pool adopts contexts only through its store, so the fork is saved there and loaded back.
-        _store(pool).save(source.fork(twin_id), twin_id)
+        _save_new(pool, source.fork(twin_id))
         info = _info(server, pool.get(twin_id))
         server.tenants.enforce_cap(caller.tenant)
         return info
@@ -161,7 +174,12 @@ async def checkpoint(context_id: ContextId, server: ServerDep, caller: CallerDep
     def job() -> Checkpoint:
         pool = server.tenants.pool(caller.tenant)
         _existing(pool, context_id)
-        pool.save(context_id)
+        try:
+            pool.save(context_id)
+        except StaleCheckpointError as exc:  # this copy is older than the stored one: it must not answer again
+            pool.discard(context_id)
+            raise APIError(409, f"{exc}; this server's copy was dropped and the stored checkpoint is kept: the next "
+                                "request continues from it", "context_id", "stale_checkpoint") from exc
         return Checkpoint(id=context_id, checkpoints=_store(pool).checkpoints(context_id))
 
     return await server.worker.call(job)
@@ -173,9 +191,7 @@ async def delete_context(context_id: ContextId, server: ServerDep, caller: Calle
         pool = server.tenants.pool(caller.tenant)
         if context_id not in pool:
             raise APIError(404, f"no context {context_id!r} for this tenant", "context_id", "context_not_found")
-        if context_id in pool.live_ids:
-            pool.spill(context_id)  # the pool's one public way to drop a live context (it saves it first)
-        _store(pool).delete(context_id)
+        pool.delete(context_id)
         return Deleted(id=context_id)
 
     return await server.worker.call(job)

@@ -20,5 +20,6 @@ def health(server: ServerDep) -> Health:
         checkpoints = server.checkpointer.status()
         health.status = "degraded" if checkpoints.store != "ok" else "ok"
         health.checkpoints_pending, health.checkpoints_written = checkpoints.pending, checkpoints.written
+        health.checkpoints_refused = checkpoints.refused
         health.last_checkpoint_ms, health.store_error = checkpoints.last_write_ms, checkpoints.last_error
     return health
