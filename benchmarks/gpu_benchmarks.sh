@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one call: the Triton kernels' tests compiled on the GPU, then the GPU benchmark.
+# One script for a GPU machine: the Triton kernels' tests compiled on the GPU, then the GPU benchmark.
 #
 #   benchmarks/gpu_benchmarks.sh OUTDIR [bench_gpu arguments...]
 #
@@ -22,7 +22,7 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"
   export PYTHONPATH="$PWD:$PYTHONPATH"
 fi
 python3 -c "import hcmemory.kernels, hcmemory.integrations" || exit 1
-if [ "${KERNEL_TESTS:-1}" != 0 ]; then  # KERNEL_TESTS=0: a short rerun, benchmark only
+if [ "${KERNEL_TESTS:-1}" != 0 ]; then  # KERNEL_TESTS=0: the benchmark only
   echo "== Triton kernels' tests (compiled on this device) =="
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py >"$out/kernel_tests.log" 2>&1
   echo "exit $?: $(tail -1 "$out/kernel_tests.log")"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "the cache root) or a postgresql:// URL (one database, a namespace "
                                                  "per tenant); with --ray, the store every replica shares")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY[,KEY...]",
-                   help="accept this bearer key (repeatable or comma-separated); each key is its own tenant")
+                   help="accept this bearer key (repeatable or comma-separated); each key is its own tenant. "
+                        "Keys on a command line are visible to other local users: prefer HCMEMORY_API_KEYS "
+                        "(comma-separated), and PGPASSWORD or ~/.pgpass for the database's password")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted")
     s.add_argument("--ray", action="store_true", help="serve with model replicas on Ray Serve, routed by x-session-id "
@@ -75,7 +78,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     given = {"host": args.host, "port": args.port, "model": args.model, "preset": args.preset, "store": args.store,
              "max_tokens_limit": args.max_tokens_limit, "max_body_bytes": args.max_body_bytes,
-             "api_keys": tuple(key for value in args.api_key for key in value.split(",") if key.strip())}
+             "api_keys": tuple(key for value in [*args.api_key, os.environ.get("HCMEMORY_API_KEYS", "")]
+                               for key in value.split(",") if key.strip())}
     if not args.ray and (args.replicas != 2 or args.replica_cpus != 1.0 or args.ray_address):
         parser.error("--replicas, --replica-cpus and --ray-address need --ray")
     try:

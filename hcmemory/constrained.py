@@ -44,6 +44,7 @@ import json
 import logging
 import re
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,6 +66,11 @@ _JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 no free whitespace, which a small model can otherwise repeat until its budget runs out."""
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOOL_CHOICES = ("auto", "none", "any", "required")
+
+
+def call_id() -> str:
+    """A new tool call's id, in OpenAI's ``call_…`` form (LangChain and the server hand these out alike)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 class IncompleteOutput(ValueError):

@@ -459,18 +459,23 @@ class ContextPool:
                     self._claim(context_id)
                 self._saved.notify_all()
 
-    def spill(self, context_id: str) -> None:
-        """Save a live context to the store (if any) and close it.  Waits for a call in progress on
-        it (without holding the pool's lock); raises ``ContextInUseError`` while a generation the
-        pool handed out on it has not finished."""
+    def spill(self, context_id: str, blocking: bool = True) -> bool:
+        """Save a live context to the store (if any) and close it; True when it was.  Waits for a call in
+        progress on it (without holding the pool's lock) and raises ``ContextInUseError`` while a
+        generation the pool handed out on it has not finished; with ``blocking=False`` a context that is
+        busy, in use or being written is left live and False returned instead (a memory cap's sweep)."""
         check_id(context_id)
         with self._lock:
             ctx = self._live_context(context_id)
             if ctx is None:
                 raise KeyError(f"context {context_id!r} is not live; live contexts: {list(self._live)}")
-        if not self._spill(context_id, ctx, blocking=True):  # its user closed it meanwhile
-            with self._lock:
-                self._prune()
+            if not blocking and (context_id in self._in_use or context_id in self._saving):
+                return False
+        if self._spill(context_id, ctx, blocking):
+            return True
+        with self._lock:  # busy (not blocking), or its user closed it meanwhile
+            self._prune()
+        return False
 
     def _spill(self, context_id: str, ctx: HCContext, blocking: bool) -> bool:
         """Save and close ``ctx`` as one step of the context (under its guard, then the pool's lock);
@@ -512,6 +517,8 @@ class ContextPool:
             self.store.delete(old, REUSE_TAG)
         except CheckpointNotFoundError:
             pass  # another pool on this store deleted it already
+        except (OSError, TimeoutError) as exc:  # only redundant now: the spill that made it so stands
+            log.warning("could not delete stored context %r, which %r supersedes (%s)", old, context_id, exc)
 
     def close(self) -> None:
         """Save every live context (if there is a store) and close them, waiting for calls in progress

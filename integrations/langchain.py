@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -53,14 +52,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from hcmemory import ContextStore
 from hcmemory.config import HCConfig
-from hcmemory.constrained import (Constraint, HeldCalls, ToolCalls, chat_turns,
+from hcmemory.constrained import (Constraint, HeldCalls, ToolCalls, call_id, chat_turns,
                                   response_format_constraint)
 from hcmemory.decoding import Generation, GenerationInfo
+from hcmemory.engine import DEFAULT_MAX_HOST_BYTES, DEFAULT_PRESET, Engine, shared_engine
+from hcmemory.models import DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
-from hcmemory.engine import DEFAULT_MAX_HOST_BYTES, DEFAULT_PRESET, Engine, shared_engine
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 KV_CHUNK_BYTES = 256 * 2**10
 """Tensor bytes per stored chunk of a step's KV state: small enough that a step rewrites only the
 chunks its new rows touch (the others have the same content, stored once)."""
@@ -232,10 +230,6 @@ def tool_constraint(tools: Sequence[Mapping[str, Any] | type | Callable[..., Any
                      True if parallel_tool_calls is None else parallel_tool_calls)
 
 
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
 def _with_parser(llm: Runnable[LanguageModelInput, BaseMessage], parser: Runnable[Any, Any],
                  include_raw: bool) -> Runnable[LanguageModelInput, Any]:
     """``llm | parser``; with ``include_raw`` a dict of ``raw`` (the message), ``parsed`` and
@@ -375,7 +369,7 @@ class ChatHCAttention(HCMemorySettings, BaseChatModel):
             yield self._chunk(AIMessageChunk(content=text), run_manager, text)
         for index, call in enumerate(calls or []):
             chunk = AIMessageChunk(content="", tool_call_chunks=[tool_call_chunk(
-                name=call["name"], args=json.dumps(call["arguments"], ensure_ascii=False), id=_call_id(),
+                name=call["name"], args=json.dumps(call["arguments"], ensure_ascii=False), id=call_id(),
                 index=index)])
             yield self._chunk(chunk, run_manager, "")
         info = generation.info

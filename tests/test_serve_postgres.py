@@ -131,10 +131,14 @@ def test_store_urls_are_checked_and_unreachable_databases_named(database):
     assert check_location(database) == database  # kept as given, connected to nowhere yet
     with pytest.raises(ValueError, match="not a valid PostgreSQL URL"):
         ServeSettings(store="postgresql://hcmemory@127.0.0.1:5432/db?nonsense=1")
+    with pytest.raises(ValueError, match="not a valid PostgreSQL URL") as malformed:  # psycopg quotes the URL
+        ServeSettings(store="postgresql://hcmemory:secret@[::1/db")
+    assert "secret" not in str(malformed.value) and malformed.value.__cause__ is None
     with pytest.raises(ValueError, match="only postgresql:// URLs and directories"):
         ServeSettings(store="redis://127.0.0.1/0")
     nowhere = f"postgresql://hcmemory:secret@127.0.0.1:{_free_port()}/postgres?connect_timeout=2"
-    settings = ServeSettings(store=nowhere)  # settings are checked before anything starts
+    settings = ServeSettings(store=nowhere, api_keys=("sk-private",))  # checked before anything starts
+    assert "secret" not in repr(settings) and "sk-private" not in repr(settings)  # reprs reach logs and Ray
     with pytest.raises(ConnectionError, match="cannot be reached") as refused:
         check_reachable(settings.store)
     assert "secret" not in str(refused.value) and "hcmemory:***@" in str(refused.value)
@@ -198,6 +202,7 @@ def test_the_server_answers_from_memory_while_the_database_is_down(database, pos
             held = usage.prompt_tokens + usage.completion_tokens
             health = _wait_health(base, lambda h: h["status"] == "degraded", "not reported degraded")
             assert "cannot be reached" in health["store_error"] and health["checkpoints_pending"] >= 1
+            assert "127.0.0.1" not in health["store_error"]  # /health needs no key: no address of the store
             # a conversation that is not live needs the store: refused as such, not as a server error
             chat = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
             refused = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=DEADLINE_S,

@@ -133,7 +133,7 @@ class Checkpointer:
     def _failed(self, context_id: str, exc: Exception) -> bool:
         with self._wake:
             first = self._error is None
-            self._error = f"{type(exc).__name__}: {exc}"
+            self._error = _public_reason(exc)
         (log.warning if first else log.debug)("checkpoint of context %r failed (%s); serving from memory and "
                                               "retrying", context_id, exc)
         return False
@@ -191,3 +191,15 @@ class Checkpointer:
             dropped.result()
         except Exception:  # noqa: BLE001 - the writer thread must go on with the other conversations
             log.exception("could not drop the stale copy of context %r", context_id)
+
+
+def _public_reason(exc: Exception) -> str:
+    """What ``/health`` (which needs no key) may say about a failed write: the kind of failure, never the
+    store's path, host or user, which the log has."""
+    if isinstance(exc, ConnectionError):
+        return "ConnectionError: the store cannot be reached"
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: the store stayed busy"
+    if isinstance(exc, OSError):
+        return "OSError: the store refused the write (disk full, read-only or unreachable)"
+    return f"{type(exc).__name__}: the store refused the write"

@@ -239,6 +239,9 @@ async def _first(model: DeploymentHandle, request: Forwarded, conversation: str 
                                "replica_unavailable") from exc
             log.info("replica unavailable for conversation %r (%s); resending in %.1f s", conversation,
                      type(exc).__name__, pause)
+        except StopAsyncIteration as exc:  # the replica's app failed before its status line (it logged why)
+            raise APIError(500, "the model replica failed before answering; see its log", None,
+                           "replica_error") from exc
         except asyncio.CancelledError:
             stream.cancel()
             raise

@@ -29,11 +29,12 @@ class ServeSettings:
     """A local Hugging Face model directory; None for the embedded SmolLM2-135M-Instruct."""
     preset: str = DEFAULT_PRESET
     """How new conversations store their KV state (a preset name or ``preset:field=value,...``)."""
-    store: Path | str = field(default_factory=default_store_dir)
+    store: Path | str = field(default_factory=default_store_dir, repr=False)
     """A directory holding one SQLite ``ContextStore`` per tenant, or a ``postgresql://`` URL: one database
     shared by every replica, a namespace per tenant (``stores.open_store`` reads it)."""
-    api_keys: tuple[str, ...] = ()
-    """Bearer keys accepted; empty means no authentication and tenants named by ``x-tenant-id``."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer keys accepted; empty means no authentication and tenants named by ``x-tenant-id``.  Kept out
+    of the repr, which logs and Ray's deployment arguments may show."""
     max_tokens_limit: int = 2048
     """The largest ``max_tokens`` a request may ask for; more is refused with 400."""
     default_max_tokens: int = 256

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..files import make_private_dirs
 from ..stores import ContextStore, redacted
 from ..stores.context_store import POSTGRES_SCHEMES
 
@@ -49,9 +50,10 @@ def check_location(location: str | Path) -> str | Path:
                              "pip install 'hcmemory[postgres]'") from exc
         try:
             conninfo_to_dict(location)
-        except Exception as exc:  # noqa: BLE001 - psycopg's ProgrammingError: any malformed URL
-            raise ValueError(f"--store {redacted(location)} is not a valid PostgreSQL URL ({exc}); pass e.g. "
-                             "postgresql://user:password@host:5432/database") from exc
+        except Exception as exc:  # noqa: BLE001 - psycopg's ProgrammingError; its message quotes the password
+            problem = str(exc).strip().replace(location, redacted(location))
+            raise ValueError(f"--store {redacted(location)} is not a valid PostgreSQL URL ({problem}); pass e.g. "
+                             "postgresql://user:password@host:5432/database") from None
         return location
     if isinstance(location, str) and "://" in location:
         raise ValueError(f"--store {redacted(location)}: only postgresql:// URLs and directories are stores")
@@ -76,5 +78,5 @@ def open_store(location: str | Path, namespace: str) -> ContextStore:
     key = hashlib.sha256(namespace.encode()).hexdigest()
     if isinstance(location, str):
         return ContextStore(location, namespace=key)
-    location.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(location)  # conversations: readable by the server's user only, like the cache root
     return ContextStore(location / f"tenant-{key[:32]}.sqlite")

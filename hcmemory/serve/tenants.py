@@ -46,7 +46,7 @@ class Tenants:
         if pool is not None:
             self._pools.move_to_end(tenant)
             return pool
-        while len(self._pools) >= self.max_open:
+        while len(self._pools) >= self.max_open:  # a store that cannot take the spill refuses this request instead
             self._close(next(iter(self._pools)))
         pool = ContextPool(self.model, self.tokenizer, open_store(self.store, tenant), self.max_host_bytes, self.config)
         self._pools[tenant] = pool
@@ -62,7 +62,7 @@ class Tenants:
                 if self.live_bytes() <= self.max_host_bytes:
                     return
                 try:
-                    pool.spill(context_id)
+                    pool.spill(context_id, blocking=False)  # one being written or used is skipped, not waited for
                 except OSError as exc:
                     log.warning("cannot spill context %r of tenant %s: its store is unreachable (%s); live contexts "
                                 "stay over the memory cap until it is back", context_id, tenant, exc)
@@ -82,19 +82,26 @@ class Tenants:
         return sum(pool.live_bytes() for pool in self._pools.values())
 
     def close(self) -> None:
-        """Save every live context to its tenant's store and close them all.  A tenant whose store cannot
-        take them is logged and the others are still saved: one unreachable store loses only its own."""
+        """Save every live context to its tenant's store and close them all.  A tenant whose contexts cannot
+        be saved is logged and the others are still saved: one unreachable store loses only its own."""
         for tenant in list(self._pools):
             try:
                 self._close(tenant)
-            except OSError:
-                log.exception("could not save tenant %s's live contexts: its store is unreachable; the turns since "
-                              "their last checkpoint are lost", tenant)
+            except Exception:  # noqa: BLE001 - shutting down: every other tenant must still be saved
+                log.exception("could not save tenant %s's live contexts; the turns since their last checkpoint are "
+                              "lost", tenant)
+                self._close_store(self._pools.pop(tenant))
 
     def _close(self, tenant: str) -> None:
-        pool = self._pools.pop(tenant)
+        """Save the tenant's live contexts and close its pool and store.  When they cannot all be saved the
+        error propagates and the tenant stays open, its unsaved contexts still live."""
+        pool = self._pools[tenant]
         pool.close()
-        store = pool.store
-        if store is not None:  # always set here; the check keeps type checkers honest
-            store.close()
+        del self._pools[tenant]
+        self._close_store(pool)
         log.info("closed tenant %s: its live contexts were saved to its store", tenant)
+
+    @staticmethod
+    def _close_store(pool: ContextPool) -> None:
+        if pool.store is not None:  # always set here; the check keeps type checkers honest
+            pool.store.close()

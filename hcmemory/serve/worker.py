@@ -128,5 +128,7 @@ class ModelWorker:
         """Refuse new jobs, let the queued ones finish, run ``last`` (saving the live contexts) on the model
         thread, and end the thread."""
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, last)
-        self._executor.shutdown(wait=True)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, last)
+        finally:
+            self._executor.shutdown(wait=True)

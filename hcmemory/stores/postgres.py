@@ -136,8 +136,8 @@ def _conninfo(url: str) -> tuple[str, str, float]:
     location = redacted(url)
     try:
         params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        raise ValueError(f"{location} is not a valid PostgreSQL URL ({exc})") from exc
+    except psycopg.ProgrammingError as exc:  # its message quotes the URL, password included: not chained
+        raise ValueError(f"{location} is not a valid PostgreSQL URL ({str(exc).strip().replace(url, location)})") from None
     timeout = params.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S)
     try:
         timeout = max(2, int(timeout))  # libpq's own floor

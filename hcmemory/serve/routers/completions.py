@@ -16,14 +16,13 @@ that format, so a conversation re-sent with them continues the state that produc
 from __future__ import annotations
 
 import json
-import uuid
 from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ...constrained import (Constraint, HeldCalls, IncompleteOutput, ToolCalls, chat_turns,
+from ...constrained import (Constraint, HeldCalls, IncompleteOutput, ToolCalls, call_id, chat_turns,
                             response_format_constraint)
 from ...decoding import GenerationInfo
 from ..deps import CallerDep, ServerDep, get_caller, pinned_context
@@ -126,7 +125,7 @@ def _headers(run: Run, info: GenerationInfo) -> dict[str, str]:
 
 
 def _tool_calls(calls: list[dict[str, Any]]) -> list[ToolCall]:
-    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
+    return [ToolCall(id=call_id(), function=FunctionCall(
         name=call["name"], arguments=json.dumps(call["arguments"], ensure_ascii=False))) for call in calls]
 
 
