@@ -53,7 +53,7 @@ app = graph.compile(checkpointer=KVCheckpointer(SqliteSaver(sqlite3.connect(str(
 config = {"configurable": {"thread_id": "expedition"}}
 started = app.get_state(config).values.get("messages")
 question = HumanMessage("What is the summit altitude in the expedition log?")
-state = app.invoke(None if started else {"messages": [question]}, config)
+state = app.invoke(None if started else {"messages": [question]}, config, durability="sync")  # crash-safe steps
 print("answer:", state["messages"][-1].content, flush=True)
 """
 

@@ -145,7 +145,8 @@ AGENT = textwrap.dedent("""
     from langchain_core.messages import HumanMessage
     from tests.test_langgraph_kv import QUESTION, build, config
     app, _ = build(Path(sys.argv[1]))
-    app.invoke({"messages": [HumanMessage(QUESTION)]} if sys.argv[2] == "start" else None, config("killed"))
+    app.invoke({"messages": [HumanMessage(QUESTION)]} if sys.argv[2] == "start" else None, config("killed"),
+               durability="sync")  # each step's checkpoint is on disk before the next step runs
     print("DONE", flush=True)
 """)
 
