@@ -215,7 +215,8 @@ class SQLiteBackend:
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
                 conn.execute(statement, {"namespace": self.namespace})
-            log.info("%s: store layout migrated to version %d", self.path, step + 1)
+        if version and version < SCHEMA_VERSION:  # a new file is simply created at the current layout
+            log.info("%s: store layout migrated from version %d to %d", self.path, version, SCHEMA_VERSION)
         conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
