@@ -16,16 +16,20 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.tools import tool
-from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.graph import START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
+import pytest
 
-from hcmemory import ContextStore
-from hcmemory.context import _shared_prefix
-from hcmemory.integrations.langchain import ChatHCAttention, message_dicts
-from hcmemory.integrations.langgraph import KVCheckpointer
+pytest.importorskip("langgraph", reason="LangGraph (the agents extra) is not installed in this environment")
+
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
+from langchain_core.tools import tool  # noqa: E402
+from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
+from langgraph.graph import START, MessagesState, StateGraph  # noqa: E402
+from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
+
+from hcmemory import ContextStore  # noqa: E402
+from hcmemory.context import _shared_prefix  # noqa: E402
+from hcmemory.integrations.langchain import ChatHCAttention, message_dicts  # noqa: E402
+from hcmemory.integrations.langgraph import KVCheckpointer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is 6 times 7? Use the multiply tool."
