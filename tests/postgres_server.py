@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from .ports import free_port
 
 SERVER_USER = "postgres"
 
@@ -29,12 +30,6 @@ def _binary(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """One cluster in a temporary folder; ``dsn`` connects as the superuser ``hcmemory`` without a password."""
 
@@ -42,7 +37,7 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="hcmemory-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.as_root = os.geteuid() == 0
         if self.as_root:
             shutil.chown(self.root, SERVER_USER)

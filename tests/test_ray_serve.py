@@ -15,7 +15,6 @@ covered by the single-process server's tests.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +33,8 @@ from hcmemory.config import HCConfig  # noqa: E402
 from hcmemory.serve import ServeSettings  # noqa: E402
 from hcmemory.serve.cluster import APP_NAME, build  # noqa: E402
 from hcmemory.serve.stores import open_store  # noqa: E402
+
+from .ports import free_port  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MAX_TOKENS = 6
@@ -83,11 +84,6 @@ def reference() -> dict[str, Reference]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def store(postgres) -> str:
@@ -99,7 +95,7 @@ def store(postgres) -> str:
 def cluster(reference: dict[str, Reference], store: Path | str) -> Iterator[tuple[str, Path | str]]:
     """A local Ray cluster serving two model replicas and the ingress on 127.0.0.1; yields the base URL and
     the store."""
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

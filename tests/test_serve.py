@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from hcmemory.serve import ServeSettings, create_app  # noqa: E402
 
+from .ports import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 KEYS = ("sk-tenant-a", "sk-tenant-b")
@@ -39,11 +40,6 @@ DOCUMENT = " ".join(
     for i, name in enumerate(["Aster", "Birch", "Cedar", "Dahlia", "Elm", "Fern", "Gorse", "Hazel", "Iris", "Juniper",
                               "Kale", "Larch", "Maple", "Nettle", "Olive"]))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_ready(base: str, alive=lambda: True) -> None:
@@ -77,13 +73,13 @@ def _running(settings: ServeSettings) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory) -> Iterator[str]:
-    with _running(ServeSettings(port=_free_port(), store=tmp_path_factory.mktemp("open"), **LIMITS)) as base:
+    with _running(ServeSettings(port=free_port(), store=tmp_path_factory.mktemp("open"), **LIMITS)) as base:
         yield base
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory) -> Iterator[str]:
-    settings = ServeSettings(port=_free_port(), store=tmp_path_factory.mktemp("keyed"), api_keys=KEYS, **LIMITS)
+    settings = ServeSettings(port=free_port(), store=tmp_path_factory.mktemp("keyed"), api_keys=KEYS, **LIMITS)
     with _running(settings) as base:
         yield base
 
@@ -342,7 +338,7 @@ def test_a_closed_stream_ends_the_generation_and_keeps_nothing(open_server):
 
 
 def test_hcmemory_serve_command_starts_serves_and_stops(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "hcmemory.cli", "serve", "--port", str(port), "--store",
                                 str(tmp_path), "--api-key", "sk-one,sk-two"], cwd=ROOT, env=env,

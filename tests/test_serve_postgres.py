@@ -40,6 +40,7 @@ from hcmemory.serve.stores import check_location, check_reachable, open_store  #
 from hcmemory.stores import ContextStore, StaleCheckpointError  # noqa: E402
 
 from .conftest import tiny_model  # noqa: E402
+from .ports import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -49,13 +50,6 @@ DOCUMENT = " ".join(f"Record {i}: the ferry {name} leaves pier {i + 3} at {7 + i
                     for i, name in enumerate(["Aster", "Birch", "Cedar", "Dahlia", "Elm", "Fern", "Gorse", "Hazel",
                                               "Iris", "Juniper", "Kale", "Larch", "Maple", "Nettle", "Olive"]))
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def _running(settings: ServeSettings) -> Iterator[str]:
 
 
 def _settings(database: str) -> ServeSettings:
-    return ServeSettings(port=_free_port(), store=database, checkpoint_each_turn=True, max_tokens_limit=16)
+    return ServeSettings(port=free_port(), store=database, checkpoint_each_turn=True, max_tokens_limit=16)
 
 
 def _ask(base: str, tenant: str, session: str, messages: list[dict]) -> tuple[str, object, httpx.Headers]:
@@ -136,7 +130,7 @@ def test_store_urls_are_checked_and_unreachable_databases_named(database):
     assert "secret" not in str(malformed.value) and malformed.value.__cause__ is None
     with pytest.raises(ValueError, match="only postgresql:// URLs and directories"):
         ServeSettings(store="redis://127.0.0.1/0")
-    nowhere = f"postgresql://hcmemory:secret@127.0.0.1:{_free_port()}/postgres?connect_timeout=2"
+    nowhere = f"postgresql://hcmemory:secret@127.0.0.1:{free_port()}/postgres?connect_timeout=2"
     settings = ServeSettings(store=nowhere, api_keys=("sk-private",))  # checked before anything starts
     assert "secret" not in repr(settings) and "sk-private" not in repr(settings)  # reprs reach logs and Ray
     with pytest.raises(ConnectionError, match="cannot be reached") as refused:

@@ -11,7 +11,8 @@ from typing import Literal
 
 import pytest
 
-from tests.test_serve import LIMITS, MODEL, _client, _free_port, _running, httpx, openai
+from tests.ports import free_port
+from tests.test_serve import LIMITS, MODEL, _client, _running, httpx, openai
 
 jsonschema = pytest.importorskip("jsonschema")
 langchain_openai = pytest.importorskip("langchain_openai")
@@ -41,7 +42,7 @@ class Sky(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    with _running(ServeSettings(port=_free_port(), store=tmp_path_factory.mktemp("tools"), **LIMITS)) as base:
+    with _running(ServeSettings(port=free_port(), store=tmp_path_factory.mktemp("tools"), **LIMITS)) as base:
         yield base
 
 
