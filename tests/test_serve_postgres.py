@@ -202,6 +202,8 @@ def test_the_server_answers_from_memory_while_the_database_is_down(database, pos
             refused = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=DEADLINE_S,
                                  headers={"x-tenant-id": "red", "x-session-id": "new"})
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
+            message = refused.json()["error"]["message"]  # a caller is told what to do, not where the store is
+            assert "127.0.0.1" not in message and str(postgres.port) not in message, message
         finally:
             postgres.start()
         health = _wait_health(base, lambda h: h["status"] == "ok" and h["checkpoints_pending"] == 0,

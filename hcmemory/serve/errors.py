@@ -9,6 +9,10 @@ reshaped here to name the field), 429 too many model calls queued, 503 the serve
 closing, or the store a request needs is unreachable (``store_unavailable``, from any route).  Errors
 raised by hcmemory itself (``ValueError``/``TypeError`` at its boundary, with messages that say what to
 change) become 400s naming the request field they concern.
+
+What a store says about itself (its file path, database host, schema, the stored versions' layout) goes
+to the server log, never into a response: a caller learns what happened to its request and what to do,
+not where the server keeps its data.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import CheckpointError
-from ..stores import CheckpointNotFoundError
+from ..stores import CheckpointNotFoundError, StaleCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +67,13 @@ def library_errors(param: str | None) -> Iterator[None]:
     except APIError:
         raise
     except CheckpointNotFoundError as exc:
-        raise APIError(404, str(exc), param, "context_not_found") from exc
+        log.info("not in the store: %s", exc)
+        raise APIError(404, "no such stored context for this tenant (never created here, or deleted)", param,
+                       "context_not_found") from exc
     except CheckpointError as exc:
-        raise APIError(500, f"a stored context could not be read: {exc}", param, "checkpoint_error") from exc
+        log.error("a stored context could not be read: %s", exc)
+        raise APIError(500, "a stored context could not be read (damaged, or written for another model or "
+                            "layout); the server log names it", param, "checkpoint_error") from exc
     except OSError as exc:  # the store's database is unreachable (TimeoutError is an OSError too)
         raise store_unavailable(exc, param) from exc
     except (ValueError, TypeError) as exc:
@@ -74,9 +82,19 @@ def library_errors(param: str | None) -> Iterator[None]:
 
 
 def store_unavailable(exc: OSError, param: str | None = None) -> APIError:
-    """503 for a request that needs a store its server cannot reach now."""
-    return APIError(503, f"the context store is unreachable ({exc}); conversations live in this server's memory "
+    """503 for a request that needs a store its server cannot reach now (the cause is logged, not sent)."""
+    log.warning("context store unreachable: %s", exc)
+    return APIError(503, f"the context store is unreachable ({type(exc).__name__}); conversations live in this server's memory "
                          "are still answered, this one needs its store: retry shortly", param, "store_unavailable")
+
+
+def stale_message(exc: StaleCheckpointError) -> str:
+    """The 409 a caller reads when another replica saved its conversation since this one loaded it: the
+    versions, not the store's location (which goes to the log)."""
+    log.warning("stale checkpoint refused: %s", exc)
+    return (f"another server saved this conversation since this one loaded it (stored version {exc.current}, this "
+            f"copy continued version {exc.expected}); this server's copy was dropped and the stored checkpoint is "
+            "kept: the next request continues from it")
 
 
 _UNION_TAGS = re.compile(r"^(str|int|float|bool|none|list|dict)$|[^a-z0-9_-]")
@@ -124,7 +142,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def _os_error(request: Request, exc: OSError) -> JSONResponse:
     """An ``OSError`` no route turned into an answer: a store (database, disk) failing under the request."""
-    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    log.warning("%s %s failed on its store", request.method, request.url.path)
     return store_unavailable(exc).response()
 
 

@@ -22,7 +22,7 @@ from ...context import HCContext
 from ...pool import ContextPool
 from ...stores import ContextStore, StaleCheckpointError
 from ..deps import CallerDep, ServerDep, get_caller
-from ..errors import APIError, library_errors
+from ..errors import APIError, library_errors, stale_message
 from ..generation import collect, max_new_tokens, usage
 from ..schemas import (CONTEXT_ID_PATTERN, Answer, AskRequest, Checkpoint, ContextCreate, ContextInfo, Deleted,
                        DocumentsAdded, DocumentsAppend, ErrorResponse, ForkRequest)
@@ -178,8 +178,7 @@ async def checkpoint(context_id: ContextId, server: ServerDep, caller: CallerDep
             pool.save(context_id)
         except StaleCheckpointError as exc:  # this copy is older than the stored one: it must not answer again
             pool.discard(context_id)
-            raise APIError(409, f"{exc}; this server's copy was dropped and the stored checkpoint is kept: the next "
-                                "request continues from it", "context_id", "stale_checkpoint") from exc
+            raise APIError(409, stale_message(exc), "context_id", "stale_checkpoint") from exc
         return Checkpoint(id=context_id, checkpoints=_store(pool).checkpoints(context_id))
 
     return await server.worker.call(job)
