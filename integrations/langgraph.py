@@ -30,7 +30,8 @@ How it fits together:
   model task, a thread copied by ``copy_thread``) only costs prefill time.
 
 ``get_state`` loads a checkpoint too, so inspecting an old one restores its KV state; the next run
-restores its own again.  Subgraph checkpoints (a non-empty ``checkpoint_ns``) are delegated only: the
+restores its own again.  ``prune`` and ``delete_for_runs`` (where the wrapped saver implements them) also
+delete the KV states that no remaining checkpoint leads to; ``delete_thread`` deletes all of the thread's.  Subgraph checkpoints (a non-empty ``checkpoint_ns``) are delegated only: the
 thread's one context belongs to the root graph.  One model call per step and thread: parallel model
 nodes would share the thread's context.
 
@@ -46,7 +47,7 @@ import logging
 import math
 import operator
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,6 +63,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("hcmemory.integrations.langgraph needs langgraph: pip install 'hcmemory[agents]'") from exc
 
 from hcmemory import ContextStore
+from hcmemory.pool import REUSE_TAG
+from hcmemory.stores import DEFAULT_TAG
 from hcmemory.integrations.langchain import ChatHCAttention, kv_store
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,20 @@ class KVCheckpointer(BaseCheckpointSaver):
         if str(thread_id) in pool:
             pool.delete(str(thread_id))
 
+    def _drop_unreachable_kv(self, thread_ids: Iterable[str]) -> None:
+        """Delete the KV states of these threads that no remaining checkpoint leads to any more (after a prune
+        or a run's deletion), so the store keeps only what a checkpoint can restore.  Only model tasks' states
+        go: the pool's own checkpoints of the thread (``DEFAULT_TAG``, ``REUSE_TAG``) stay."""
+        for thread in sorted({str(t) for t in thread_ids}):
+            if thread not in self.store:
+                continue
+            remaining = self.saver.list({"configurable": {"thread_id": thread}})
+            reachable = {self.kv_state(found.config) for found in remaining}
+            for entry in self.store.checkpoints(thread):
+                if entry["tag"] not in reachable and entry["tag"] not in (DEFAULT_TAG, REUSE_TAG):
+                    self.store.delete(thread, entry["tag"])
+                    log.info("thread %r: KV state of task %s deleted, no checkpoint leads to it", thread, entry["tag"])
+
     # --- BaseCheckpointSaver, delegated ----------------------------------------------------------
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         found = self.saver.get_tuple(config)
@@ -162,12 +179,17 @@ class KVCheckpointer(BaseCheckpointSaver):
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         self.saver.delete_for_runs(run_ids)
+        self._drop_unreachable_kv(self.store.list())  # checkpoints do not say their run: every thread is looked at
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self.saver.copy_thread(source_thread_id, target_thread_id)
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         self.saver.prune(thread_ids, strategy=strategy)
+        if strategy == "delete":
+            for thread in thread_ids:
+                self._forget_thread(thread)
+        self._drop_unreachable_kv(thread_ids)
 
     def get_delta_channel_history(self, *, config: RunnableConfig,
                                   channels: Sequence[str]) -> Mapping[str, DeltaChannelHistory]:
@@ -200,12 +222,16 @@ class KVCheckpointer(BaseCheckpointSaver):
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         await self.saver.adelete_for_runs(run_ids)
+        await asyncio.to_thread(lambda: self._drop_unreachable_kv(self.store.list()))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self.saver.acopy_thread(source_thread_id, target_thread_id)
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         await self.saver.aprune(thread_ids, strategy=strategy)
+        for thread in thread_ids if strategy == "delete" else ():
+            await asyncio.to_thread(self._forget_thread, thread)
+        await asyncio.to_thread(self._drop_unreachable_kv, thread_ids)
 
     async def aget_delta_channel_history(self, *, config: RunnableConfig,
                                          channels: Sequence[str]) -> Mapping[str, DeltaChannelHistory]:

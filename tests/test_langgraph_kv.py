@@ -22,6 +22,7 @@ pytest.importorskip("langgraph", reason="LangGraph (the agents extra) is not ins
 
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
+from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
 from langgraph.graph import START, MessagesState, StateGraph  # noqa: E402
 from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
@@ -30,6 +31,8 @@ from hcmemory import ContextStore  # noqa: E402
 from hcmemory.context import _shared_prefix  # noqa: E402
 from hcmemory.integrations.langchain import ChatHCAttention, message_dicts  # noqa: E402
 from hcmemory.integrations.langgraph import KVCheckpointer  # noqa: E402
+from hcmemory.pool import REUSE_TAG  # noqa: E402
+from hcmemory.stores import DEFAULT_TAG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is 6 times 7? Use the multiply tool."
@@ -46,8 +49,9 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-def build(workdir: Path):
-    """The docs' tool-calling agent; the model must call a tool first and answers once it has a result."""
+def build(workdir: Path, saver: Any = None):
+    """The docs' tool-calling agent; the model must call a tool first and answers once it has a result.
+    Its checkpoints go to ``saver`` (a SqliteSaver in ``workdir`` by default)."""
     chat = ChatHCAttention(store=str(workdir / "kv.sqlite"), per_thread=True, max_tokens=40)
     call, answer = chat.bind_tools([multiply], tool_choice="any"), chat.bind_tools([multiply], tool_choice="none")
 
@@ -64,7 +68,7 @@ def build(workdir: Path):
     graph.add_edge(START, "agent")
     graph.add_conditional_edges("agent", tools_condition)
     graph.add_edge("tools", "agent")
-    saver = SqliteSaver(sqlite3.connect(str(workdir / "graph.sqlite"), check_same_thread=False))
+    saver = saver or SqliteSaver(sqlite3.connect(str(workdir / "graph.sqlite"), check_same_thread=False))
     return graph.compile(checkpointer=KVCheckpointer(saver, chat)), chat
 
 
@@ -181,3 +185,39 @@ def test_killed_mid_run_resumes_prefilling_only_what_the_last_checkpoint_lacks(t
                          if s.next == ("agent",) and isinstance(s.values["messages"][-1], ToolMessage))
     assert step["tokens_reused"] > 0
     assert step["tokens_prefilled"] <= lacking(app, chat, before_answer)
+
+
+class PruningSaver(InMemorySaver):
+    """InMemorySaver with the ``prune`` LangGraph documents, which it leaves to other savers: ``keep_latest``
+    keeps each namespace's newest checkpoint (and its writes), ``delete`` the whole thread."""
+
+    def prune(self, thread_ids, *, strategy="keep_latest"):
+        for thread in thread_ids:
+            if strategy == "delete":
+                self.delete_thread(thread)
+                continue
+            for ns, checkpoints in self.storage.get(thread, {}).items():
+                latest = max(checkpoints)
+                for old in [c for c in checkpoints if c != latest]:
+                    del checkpoints[old]
+                    self.writes.pop((thread, ns, old), None)
+
+
+def test_prune_deletes_the_kv_states_no_checkpoint_leads_to(tmp_path):
+    app, chat = build(tmp_path, PruningSaver())
+    for thread in ("kept", "pruned"):
+        app.invoke({"messages": [HumanMessage(QUESTION)]}, config(thread))
+    store = app.checkpointer.store
+
+    def tasks(thread: str) -> set[str]:
+        return {c["tag"] for c in store.checkpoints(thread)} - {DEFAULT_TAG, REUSE_TAG}
+
+    kept = tasks("kept")
+    assert len(kept) == 2 and len(tasks("pruned")) == 2  # the call and the answer
+    app.checkpointer.prune(["pruned"])
+    # the newest checkpoint's parent (which named the model task) is gone, so no KV state is reachable
+    assert tasks("pruned") == set() and tasks("kept") == kept
+    follow_up = app.invoke({"messages": [HumanMessage("And 2 times 3?")]}, config("pruned"))
+    assert isinstance(follow_up["messages"][-1], AIMessage)  # the KV state is a cache: the thread goes on
+    app.checkpointer.prune(["pruned"], strategy="delete")
+    assert "pruned" not in store and "pruned" not in chat.engine().pool and tasks("kept") == kept
