@@ -68,7 +68,7 @@ demo: venv model
 	$(VENV)/bin/hcmemory demo
 
 test: venv venv-compat model
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 	$(COMPAT)/bin/python -m pytest -q -m core
 
 # A throwaway venv with the newest releases pyproject.toml allows (no lock; torch as above), running
