@@ -24,7 +24,7 @@ from .config import HCConfig, coerce_config, is_int
 from .glue import ATTN_IMPLEMENTATION, attention_implementation, use_hcattention
 from . import layer_state
 from .layer import HCLayer, query_length_of
-from .models import check_model
+from .models import SLIDING, check_layer_kinds, check_model, layer_configs, layer_kinds
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class CacheStats:
     """Everything the buffers hold allocated, growth slack and bookkeeping included: what the
     process really spends, and what ``ContextPool.max_host_bytes`` counts."""
     full_fp16_bytes: int
-    """What a full fp16 cache of every token seen would take."""
+    """What a full fp16 cache would take: every token seen in a global layer, the window's rows in a
+    sliding one (``HCCache.kinds``)."""
     selected_fraction: float | None
     """Share of compressed rows read per step (top-p selection), None when nothing was selected."""
 
@@ -72,7 +73,11 @@ class HCCache(Cache):
         self.model_config = mc
         self.max_positions: int | None = getattr(mc, "max_position_embeddings", None)
         self._warned_positions = False
-        layers = [HCLayer(config, heads, dim, param.device, param.dtype, index=i) for i in range(mc.num_hidden_layers)]
+        self.kinds = layer_kinds(mc)
+        """``"global"`` or ``"sliding"`` per layer (``models/kinds.py``): sliding layers keep exact rows of
+        their window under the identity configuration, global layers run ``config``."""
+        layers = [HCLayer(layer_config, heads, dim, param.device, param.dtype, index=i)
+                  for i, layer_config in enumerate(layer_configs(mc, config))]
         super().__init__(layers=layers)
 
     @classmethod
@@ -181,19 +186,20 @@ class HCCache(Cache):
         return min(layer.exact_prefix(tokens) for layer in self.layers)
 
     def state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-        """Copies of all layers' tensors (keys prefixed ``"{layer}."``) and per-layer counters."""
+        """Copies of all layers' tensors (keys prefixed ``"{layer}."``) and per-layer counters and kinds."""
         tensors: dict[str, torch.Tensor] = {}
         metas = []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, kind) in enumerate(zip(self.layers, self.kinds)):
             layer_tensors, meta = layer_state.dump(layer)
             tensors.update({f"{i}.{k}": v for k, v in layer_tensors.items()})
-            metas.append(meta)
+            metas.append({**meta, "kind": kind})
         return tensors, metas
 
     def load_state(self, tensors: dict[str, torch.Tensor], metas: list[dict[str, Any]]) -> None:
         """Fill this fresh, same-configuration cache from ``state()`` output (``ValueError`` if it does not fit)."""
         if len(metas) != len(self.layers):
             raise ValueError(f"checkpoint has {len(metas)} layers, the model has {len(self.layers)}")
+        check_layer_kinds([meta.get("kind") for meta in metas], self.kinds)
         grouped: list[dict[str, torch.Tensor]] = [{} for _ in self.layers]
         for name, tensor in tensors.items():
             index, _, rest = name.partition(".")
@@ -201,7 +207,7 @@ class HCCache(Cache):
                 raise ValueError(f"checkpoint tensor {name!r} belongs to no layer of this model")
             grouped[int(index)][rest] = tensor
         for layer, layer_tensors, meta in zip(self.layers, grouped, metas):
-            layer_state.load(layer, layer_tensors, meta)
+            layer_state.load(layer, layer_tensors, {k: v for k, v in meta.items() if k != "kind"})
         seen = {layer.seen for layer in self.layers}
         if len(seen) != 1:
             raise ValueError(f"checkpoint layers have seen different numbers of tokens: {sorted(seen)}")
@@ -216,10 +222,15 @@ class HCCache(Cache):
         return twin
 
     def stats(self) -> CacheStats:
+        """Bytes of every layer's stores, sliding layers included; the fp16 reference holds what a full
+        cache keeps: every token in a global layer, the window's rows in a sliding one."""
         layers: list[HCLayer] = self.layers
         selected = sum(layer.selected_rows for layer in layers)
         selectable = sum(layer.selectable_rows for layer in layers)
         per_token_fp16 = 2 * 2 * layers[0].heads * layers[0].dim  # keys + values, 2 bytes each
+        # a query at position p sees keys at positions > p - window: a sliding layer keeps window - 1 rows
+        window = self.model_config.sliding_window if SLIDING in self.kinds else 0
+        full_rows = sum(min(self.seen, window - 1) if kind == SLIDING else self.seen for kind in self.kinds)
         return CacheStats(
             tokens_seen=self.seen,
             tokens_kept=sum(len(layer) for layer in layers),
@@ -228,6 +239,6 @@ class HCCache(Cache):
             host_bytes=sum(layer.host_bytes() for layer in layers),
             reserved_bytes=sum(layer.device_bytes(reserved=True) + layer.host_bytes(reserved=True)
                                for layer in layers),
-            full_fp16_bytes=self.seen * per_token_fp16 * len(layers),
+            full_fp16_bytes=full_rows * per_token_fp16,
             selected_fraction=selected / selectable if selectable else None,
         )

@@ -23,7 +23,7 @@ from .codecs import LayerCodecs, codecs_for
 from .config import HCConfig
 from .files import atomic_path, cache_root
 from .glue import cache_kwarg
-from .models import check_tokenizer, model_fingerprint
+from .models import check_tokenizer, layer_configs, model_fingerprint
 
 log = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 2048
@@ -38,11 +38,13 @@ def calibration_text() -> str:
 
 
 def _layer_codecs(model: torch.nn.Module, config: HCConfig) -> list[LayerCodecs]:
+    """Each layer's codecs as ``HCCache`` builds them: sliding-window layers keep exact keys, so only
+    the global layers' codecs need fitting."""
     mc = model.config
     dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     host = torch.device("cpu")
-    return [codecs_for(config, mc.num_key_value_heads, dim, torch.float32, host, host)
-            for _ in range(mc.num_hidden_layers)]
+    return [codecs_for(layer_config, mc.num_key_value_heads, dim, torch.float32, host, host)
+            for layer_config in layer_configs(mc, config)]
 
 
 def _shape_name(config: HCConfig) -> str:

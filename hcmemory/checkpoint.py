@@ -39,17 +39,19 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import HCConfig, is_int, with_added_fields
 from .files import atomic_path
-from .models import model_fingerprint, tokenizer_fingerprint
+from .models import GLOBAL, check_layer_kinds, layer_kinds, model_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """Bumped whenever the stored layout changes.  A reader refuses newer versions, and older ones
 unless ``config.ADDED_FIELDS`` says exactly what they lack — never today's defaults by accident.
 2: complete configs, per-layer ``calibrated``, ``exact_keys`` (was ``host_keys``), the user's
 ``metadata``.  3: ``HCConfig.rescore_residual``.  4: ``HCConfig.quant_group_size``.
 5: ``HCConfig.residual_symmetric`` and ``quant_rotation`` (fitted rotating key codecs store their signs).
-6: ``HCConfig.full_precision_window`` (its copies are stored as ``window.*`` layer tensors)."""
+6: ``HCConfig.full_precision_window`` (its copies are stored as ``window.*`` layer tensors).
+7: each layer's ``kind`` (``global`` or ``sliding``, ``models/kinds.py``); older checkpoints were made
+with every layer global."""
 OLDEST_READABLE = 2
 MAX_HEADER_BYTES = 64 * 2**20
 """Largest header read or written: room for about eight million token ids, while a damaged or hostile
@@ -58,7 +60,7 @@ MAX_HEADER_DEPTH = 64
 """Deepest nesting of lists and objects in a header.  hcmemory's own fields nest five deep; the rest
 is for the user's ``metadata``."""
 _FILE_METADATA_KEY = "hcmemory"
-_LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated"}
+_LAYER_KEYS = {"seen", "selected_rows", "selectable_rows", "calibrated", "kind"}
 
 
 class CheckpointError(ValueError):
@@ -108,7 +110,7 @@ class ContextState:
         when its fields have the wrong types or contradict each other."""
         try:
             config = HCConfig.from_dict(upgraded_config(header), complete=True)
-            token_ids, layers = header["token_ids"], header["layers"]
+            token_ids, layers = header["token_ids"], upgraded_layers(header)
             _require(isinstance(header["context_id"], str) and header["context_id"], "context_id is not a string")
             _require(isinstance(token_ids, list) and all(is_int(t) and t >= 0 for t in token_ids),
                      "token_ids is not a list of non-negative ints")
@@ -127,6 +129,14 @@ class ContextState:
         return cls(header["context_id"], config, token_ids, prefilled, header["turn_open"], layers, tensors,
                    header["model_fingerprint"], header["tokenizer_fingerprint"], header.get("model_name", ""),
                    header["metadata"])
+
+
+def upgraded_layers(header: dict[str, Any]) -> list[Any]:
+    """The stored per-layer counters; before format 7 every layer was built as a global one."""
+    layers = header["layers"]
+    if header["format_version"] >= 7 or not isinstance(layers, list):
+        return layers
+    return [{**meta, "kind": GLOBAL} if isinstance(meta, dict) else meta for meta in layers]
 
 
 def upgraded_config(header: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +169,8 @@ def check_version(header: Any, where: str) -> None:
 
 
 def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
-    """Refuse a checkpoint of another format version or made with another model or tokenizer.
+    """Refuse a checkpoint of another format version, made with another model or tokenizer, or whose
+    layers are of other kinds (global / sliding) than the model's.
 
     Runs before any tensor is read, so a wrong model costs one header read, not a full load.
     """
@@ -173,6 +184,14 @@ def check_compatible(header: Any, model: torch.nn.Module, tokenizer: PreTrainedT
         raise ValueError(f"{where}: checkpoint was made with a different tokenizer than the one given "
                          f"(fingerprint {str(header.get('tokenizer_fingerprint'))[:12]}… vs {tokenizer_fp[:12]}…); "
                          "load it with the tokenizer of the model it was made with")
+    layers = header.get("layers")
+    if isinstance(layers, list) and all(isinstance(meta, dict) for meta in layers):
+        try:
+            check_layer_kinds([meta.get("kind") for meta in upgraded_layers(header)], layer_kinds(model.config))
+        except ValueError as exc:
+            older = header["format_version"] < 7
+            raise ValueError(f"{where}: {exc}" + ("; this older checkpoint built every layer as a global one, so "
+                                                  "re-append the context's text instead" if older else "")) from exc
 
 
 def damaged(where: str, problem: str, otherwise: str = "save the context again") -> CheckpointError:

