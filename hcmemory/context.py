@@ -19,12 +19,14 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .batching import Batcher, Step, solo_step
 from .cache import CacheStats, HCCache
 from .chat import ChatFormat
 from .checkpoint import ContextState, fingerprints, inconsistent, read_file, write_file
@@ -94,6 +96,10 @@ class HCContext:
         """Your own notes about this context (JSON-serializable); saved and loaded with it."""
         self._guard = CallGuard()
         self._closed: str | None = None
+        self.batcher: Batcher | None = None
+        """Where this context's forwards run: None, on the calling thread (decode steps as a batch of
+        one, so the logits are those of any batch); a ``ContextPool`` sets its ``Batcher``, whose model
+        thread runs them together with other contexts' steps."""
 
     @property
     def closed(self) -> bool:
@@ -168,7 +174,14 @@ class HCContext:
                         f"got a list holding {sorted({type(x).__name__ for x in items})}")
 
     def _prefill(self, ids: list[int], progress: bool | None = None) -> torch.Tensor:
-        return prefill(self.model, self.cache, torch.tensor([ids]), self.config.chunk_size, progress)
+        forward = None if self.batcher is None else self.batcher.prefill_forward(self.cache)
+        return prefill(self.model, self.cache, torch.tensor([ids]), self.config.chunk_size, progress, forward)
+
+    def _decoding(self) -> AbstractContextManager[Step]:
+        """The decode step function for one answer: joined to the batcher for the answer's decode loop."""
+        if self.batcher is None:
+            return nullcontext(solo_step(self.model, self.cache))
+        return self.batcher.decoding(self.cache)
 
     # --- answering ---------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -272,15 +285,17 @@ class HCContext:
             with self.cache.transaction(commit=commit):
                 self.cache.crop(common)
                 matcher = compiled.matcher() if compiled is not None else None
-                pieces = decode(self.model, self.tokenizer, self.cache, self._prefill(ids[common:]), sampling, matcher)
-                while True:
-                    try:
-                        piece = next(pieces)
-                    except StopIteration as done:
-                        generated, gen.finish_reason = done.value
-                        break
-                    yield piece
-                    self._guard.resumed()
+                logits = self._prefill(ids[common:])
+                with self._decoding() as step:
+                    pieces = decode(self.model, self.tokenizer, self.cache, logits, sampling, matcher, step)
+                    while True:
+                        try:
+                            piece = next(pieces)
+                        except StopIteration as done:
+                            generated, gen.finish_reason = done.value
+                            break
+                        yield piece
+                        self._guard.resumed()
             gen.completion_tokens = len(generated)
             if commit:
                 del self.token_ids[common:]

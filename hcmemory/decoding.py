@@ -160,8 +160,13 @@ def compile_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 @torch.no_grad()
 def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Cache, logits: torch.Tensor,
-           sampling: Sampling, matcher: Matcher | None = None) -> Iterator[str]:
+           sampling: Sampling, matcher: Matcher | None = None, step: Callable[[int], torch.Tensor] | None = None
+           ) -> Iterator[str]:
     """Decode into ``cache`` from ``logits`` (the last prompt position's), yielding new text.
+
+    ``step`` feeds a token to ``cache`` and returns the next logits ``(1, vocab)``: by default a plain
+    forward on this thread; ``HCContext`` passes a batched one (``batching.py``), alone or shared with
+    other contexts' steps.
 
     Returns ``(ids, finish_reason)``: the ids fed to the cache, ending with the end-of-turn token
     when the model produced one (fed too, so a committed turn is closed the way the chat format
@@ -172,7 +177,7 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
     stop_ids = stop_token_ids(model, tokenizer)
     stop = () if matcher is not None else sampling.stop
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    device = next(model.parameters()).device
+    step = step or model_step(model, cache)
     generated: list[int] = []
     text = emitted = ""
     reason = "length"
@@ -187,8 +192,7 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
         if matcher is not None:
             matcher.advance(token)
         generated.append(token)
-        logits = model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
-                       **cache_kwarg(model, cache)).logits[:, -1]
+        logits = step(token)
         if token in stop_ids:
             reason = "stop"
             break
@@ -211,6 +215,16 @@ def decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: Ca
     if rest:
         yield rest
     return generated, reason
+
+
+def model_step(model: torch.nn.Module, cache: Cache) -> Callable[[int], torch.Tensor]:
+    """One token through ``model`` into any transformers cache, on the calling thread."""
+    device = next(model.parameters()).device
+
+    def step(token: int) -> torch.Tensor:
+        return model(input_ids=torch.tensor([[token]], device=device), use_cache=True,
+                     **cache_kwarg(model, cache)).logits[:, -1]
+    return step
 
 
 def held_back(text: str, stop: Sequence[str]) -> int:

@@ -10,6 +10,8 @@ thread-local.  Either way the pairing is verified: the key tensor the attention 
 must be the one ``update`` returned for that layer, otherwise the call raises instead of
 attending over the wrong rows.  ``HCCache.update`` also refuses to run when the model's attention
 implementation is not ``hcattention``: another function would attend over the current chunk only.
+A batched decode step (``batching.py``) hands off a ``BatchedLayers``, the same layer of every member
+of the batch, under the same check: the keys must be the whole batch's, as its ``update`` returned them.
 
 Private transformers names this package relies on, and why (checked by the test suite on 5.2
 and on the newest 5.x):
@@ -53,7 +55,37 @@ class HandedLayer(LayerView, Protocol):
     def after_attention(self, window: int | None) -> None: ...
 
 
-def hand_off(layer: HandedLayer, forward_kwargs: dict[str, Any] | None) -> None:
+class BatchedLayers:
+    """Layer ``index`` of every member of a batched decode step: row ``i`` of the batch is
+    ``layers[i]``'s one query; rows past the members (``None``) pad the batch and attend to nothing.
+
+    A member whose update or attention raised is recorded in ``failures`` (shared by every layer of the
+    forward) and skipped from then on, its row left zero: the rows never mix, so the other members'
+    results are those they would have had without it, and the failing one gets its error back (its own
+    transaction then rolls its partial step back)."""
+
+    def __init__(self, index: int, layers: list[HandedLayer | None], keys: torch.Tensor,
+                 failures: dict[int, Exception]) -> None:
+        self.index, self.layers, self.failures = index, layers, failures
+        self._keys = weakref.ref(keys)
+
+    def returned_keys(self) -> torch.Tensor | None:
+        return self._keys()
+
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None) -> torch.Tensor:
+        """Each member's ``(1, q_heads, 1, dim)`` query row over its own state, as ``(rows, q_heads, 1, dim)``."""
+        out = torch.zeros_like(query)
+        for i, layer in enumerate(self.layers):
+            if layer is None or i in self.failures:
+                continue
+            try:
+                out[i:i + 1] = _attend_one(layer, query[i:i + 1], scaling, window)
+            except Exception as exc:  # noqa: BLE001 - this member's error, returned to it alone
+                self.failures[i] = exc
+        return out
+
+
+def hand_off(layer: HandedLayer | BatchedLayers, forward_kwargs: dict[str, Any] | None) -> None:
     """Called by ``HCLayer.update``: make ``layer`` the one the next attention call reads.
 
     When the previous layer of the same forward was handed off and never claimed (its keys still
@@ -72,7 +104,8 @@ def hand_off(layer: HandedLayer, forward_kwargs: dict[str, Any] | None) -> None:
     _pending.layer = layer
 
 
-def _claim(kwargs: dict[str, Any], key: torch.Tensor, module: torch.nn.Module) -> HandedLayer | None:
+def _claim(kwargs: dict[str, Any], key: torch.Tensor, module: torch.nn.Module
+           ) -> HandedLayer | BatchedLayers | None:
     """The HCCache layer this attention call belongs to, or None for a call on another cache."""
     handed = kwargs.pop(_KWARG, None)
     pending = getattr(_pending, "layer", None)
@@ -103,9 +136,15 @@ def hc_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
     window = kwargs.get("sliding_window")
+    out = layer.attend(query, scaling, window) if isinstance(layer, BatchedLayers) \
+        else _attend_one(layer, query, scaling, window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_one(layer: HandedLayer, query: torch.Tensor, scaling: float, window: int | None) -> torch.Tensor:
     out = attend(layer, query, scaling, window)
     layer.after_attention(window)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def register() -> None:

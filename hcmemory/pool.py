@@ -47,6 +47,11 @@ same conversation (a failover between replicas), the one whose copy is older is 
 ``discard`` drops it — the next ``get`` loads the newer checkpoint.  ``save_state`` writes a copy taken
 earlier (a server's per-turn checkpoint, written off its model thread) under the same rule.
 
+**Batching.**  The pool's contexts run their forwards through the model's shared ``Batcher``
+(``batching.py``): generations iterated on several threads decode together, one forward per step for
+all of them, each answer bit-for-bit the one it gets alone; a newcomer's prefill runs a chunk at a time
+between their steps.  ``batching=False`` runs every forward on its caller's thread instead.
+
 **Failures.**  A rejected request (a bad prompt or sampling argument, ``max_new_tokens`` beyond the
 model's window) leaves the pool exactly as it was: a new, loaded or forked context is registered
 only once its request was accepted.  A spilled context object is closed: a reference kept from
@@ -65,6 +70,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .batching import Batcher, shared_batcher
 from .checkpoint import ContextState, fingerprints
 from .config import HCConfig, coerce_config
 from .context import HCContext, _shared_prefix, check_id
@@ -87,7 +93,7 @@ class ContextPool:
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, store: ContextStore | None = None,
                  max_host_bytes: int = 8 * 2**30, config: HCConfig | str | dict | None = None,
-                 min_reuse: float = 0.5) -> None:
+                 min_reuse: float = 0.5, batching: bool = True) -> None:
         check_model(model)
         check_tokenizer(tokenizer)
         if store is not None and not isinstance(store, ContextStore):
@@ -100,6 +106,9 @@ class ContextPool:
         self.max_host_bytes = max_host_bytes
         self.config = coerce_config(config)
         self.min_reuse = min_reuse
+        self.batcher: Batcher | None = shared_batcher(model) if batching else None
+        """Runs the forwards of every live context of this model, the decode steps of concurrent generations
+        batched into one forward (``batching.py``); None runs each on its caller's thread."""
         self._live: OrderedDict[str, HCContext] = OrderedDict()
         self._anonymous: set[str] = set()
         """Live contexts the pool made for requests without an id."""
@@ -130,7 +139,7 @@ class ContextPool:
             ctx = self._live_context(context_id)
             if ctx is None:
                 ctx, self._versions[context_id] = self._open(context_id)
-                self._live[context_id] = ctx
+                self._adopt(ctx)
             self._live.move_to_end(context_id)
             self._claim(context_id)
             self._enforce_cap()
@@ -151,7 +160,7 @@ class ContextPool:
             if ctx.context_id in self:
                 raise ValueError(f"context {ctx.context_id!r} already exists in this pool; delete it first or use "
                                  "another id (e.g. ctx.fork('new-id'))")
-            self._live[ctx.context_id] = ctx
+            self._adopt(ctx)
             self._enforce_cap()
 
     def delete(self, context_id: str) -> None:
@@ -233,6 +242,11 @@ class ContextPool:
                 return self.store.load(context_id, self.model, self.tokenizer, REUSE_TAG), 0
         return HCContext(self.model, self.tokenizer, self.config, context_id=context_id), 0
 
+    def _adopt(self, ctx: HCContext) -> None:
+        """Make ``ctx`` live here (under the pool's lock); its forwards run through the pool's batcher."""
+        ctx.batcher = self.batcher
+        self._live[ctx.context_id] = ctx
+
     def _claim(self, context_id: str) -> None:
         """``context_id`` was addressed by id: it is named from now on, no candidate for anyone else."""
         self._anonymous.discard(context_id)
@@ -299,7 +313,7 @@ class ContextPool:
         source, ctx = self._fork_for(token_ids, context_id)
         gen = ctx.generate(token_ids, **sampling)  # checks the request; a rejected one leaves the fork unregistered
         with self._lock:
-            self._live[context_id] = ctx
+            self._adopt(ctx)
             self._anonymous.add(context_id)
             self._hold(ctx, gen, source)
             self._enforce_cap()
@@ -313,7 +327,7 @@ class ContextPool:
                 ctx, version = self._open(context_id)
             gen = ctx.generate(token_ids, **sampling)  # checks the request before the pool changes
             if opened:
-                self._live[context_id] = ctx
+                self._adopt(ctx)
                 self._versions[context_id] = version
             self._live.move_to_end(context_id)
             self._claim(context_id)

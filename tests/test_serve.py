@@ -149,6 +149,35 @@ def test_streaming_through_openai_matches_the_plain_answer(open_server):
     assert completion[-1].usage.prompt_tokens > 0
 
 
+def test_concurrent_requests_decode_together_and_answer_as_sequential_ones(open_server, smollm2):
+    """Requests in flight at once share each decode step's forward (the model's batcher runs steps of several
+    answers in one forward) and get exactly the answers each gets alone, streamed or not."""
+    from hcmemory.batching import shared_batcher
+
+    prompts = [f"Count from {start}: {start}, {start + 1}, {start + 2}," for start in (1, 10, 20, 30)]
+
+    def complete(prompt: str, stream: bool) -> str:
+        client = _client(open_server, **{"x-session-id": f"together-{uuid.uuid4().hex}"})
+        if stream:
+            chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, stream=True)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=24).choices[0].text
+
+    alone = [complete(prompt, False) for prompt in prompts]
+    counts = shared_batcher(smollm2[0]).counts
+    steps, forwards = counts.steps, counts.forwards
+    together: list[str | None] = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, complete(prompts[i], i % 2 == 1)))
+               for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+    assert together == alone
+    assert counts.steps - steps > counts.forwards - forwards, "some forward ran several answers' steps"
+
+
 def test_langchain_chat_openai_invokes_and_streams_from_memory(open_server):
     from langchain_core.messages import AIMessage, HumanMessage
     from langchain_openai import ChatOpenAI

@@ -1,5 +1,6 @@
-"""Turning an OpenAI request into one pool generation on the model thread, and its result back into
-OpenAI's JSON or server-sent events.
+"""Turning an OpenAI request into one pool generation (started and finished on the pool thread, decoded on
+a generation thread in the model's batch, ``worker.py``), and its result back into OpenAI's JSON or
+server-sent events.
 
 An answer under a constraint (tools, ``response_format``) that the token budget ends before the
 grammar is complete is answered, as OpenAI answers a cut JSON-mode reply, with ``finish_reason:
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..constrained import Constraint, IncompleteOutput
-from ..decoding import GenerationInfo, compile_for
+from ..decoding import Generation, GenerationInfo, compile_for
 from .errors import APIError, error_body, library_errors
 from .schemas import PromptTokensDetails, Sampled, Usage
 from .server import Server
@@ -40,11 +41,11 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length"}
 
 @dataclass(frozen=True)
 class Turn:
-    """One generation, as the model thread runs it."""
+    """One generation, as the worker runs it."""
 
     tenant: str
     prompt: Callable[[], list[int]]
-    """Tokenizes the prompt, on the model thread (the tokenizer is not shared across threads)."""
+    """Tokenizes the prompt, on the pool thread (the tokenizer's encoder is not shared across threads)."""
     context_id: str | None
     max_new_tokens: int
     temperature: float
@@ -96,8 +97,9 @@ def max_new_tokens(requested: int | None, settings: ServeSettings, name: str) ->
 
 
 def generate(server: Server, turn: Turn, run: Run) -> None:
-    """On the model thread: answer ``turn`` from its tenant's pool, emitting pieces into ``run`` until the
-    answer ends or the run is cancelled (then the pool rolls the turn back and releases the context).
+    """On a generation thread: answer ``turn`` from its tenant's pool, emitting pieces into ``run`` until the
+    answer ends or the run is cancelled (then the pool rolls the turn back and releases the context).  The
+    answer's steps run in the model's batch; everything that touches the pool runs on the pool thread.
 
     A pinned conversation that is not live here but stored (spilled, or answered by another replica
     before) is loaded first, timed apart from the prefill: ``x-restore-ms`` says what the load cost.
@@ -106,28 +108,16 @@ def generate(server: Server, turn: Turn, run: Run) -> None:
     A constraint is built first (cached per schema), so one the grammar engine cannot build is a 400
     naming its field before any context changes; an answer it cuts short ends as ``length`` (module
     docstring)."""
-    if run.cancelled.is_set():
+    if run.gone():
         return
-    tenants = server.tenants
-    pool = tenants.pool(turn.tenant)
-    with library_errors(turn.constraint_param):
-        compile_for(server.model, server.tokenizer, turn.constraint)
-    with library_errors(turn.param):
-        prompt = turn.prompt()
-        if turn.context_id is not None and turn.context_id not in pool.live_ids and turn.context_id in pool:
-            started = time.perf_counter()
-            pool.get(turn.context_id)
-            run.headers["x-restore-ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
-        generation = pool.generate(prompt, turn.context_id, max_new_tokens=turn.max_new_tokens,
-                                   temperature=turn.temperature, stop=turn.stop, seed=turn.seed,
-                                   constraint=turn.constraint)
+    generation = run.in_order(lambda: _start(server, turn, run))
     run.info = generation.info
     emitted = 0
     try:
         for piece in generation:
             run.emit(piece)
             emitted += len(piece)
-            if run.cancelled.is_set():
+            if run.gone():
                 log.info("client gone: generation on context %r ended after %d pieces", generation.info.context_id,
                          generation.info.completion_tokens)
                 break
@@ -138,9 +128,30 @@ def generate(server: Server, turn: Turn, run: Run) -> None:
         generation.info.completion_tokens = turn.max_new_tokens  # the mask allows no end before the grammar's
     finally:
         generation.close()
+    run.in_order(lambda: _finish(server, turn))
+
+
+def _start(server: Server, turn: Turn, run: Run) -> Generation:
+    """On the pool thread: the request checked, its context opened, its generation handed out."""
+    pool = server.tenants.pool(turn.tenant)
+    with library_errors(turn.constraint_param):
+        compile_for(server.model, server.tokenizer, turn.constraint)
+    with library_errors(turn.param):
+        prompt = turn.prompt()
+        if turn.context_id is not None and turn.context_id not in pool.live_ids and turn.context_id in pool:
+            started = time.perf_counter()
+            pool.get(turn.context_id)
+            run.headers["x-restore-ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
+        return pool.generate(prompt, turn.context_id, max_new_tokens=turn.max_new_tokens,
+                             temperature=turn.temperature, stop=turn.stop, seed=turn.seed,
+                             constraint=turn.constraint)
+
+
+def _finish(server: Server, turn: Turn) -> None:
+    """On the pool thread, once the answer has ended: its checkpoint mark and the memory cap."""
     if server.checkpointer is not None and turn.context_id is not None:
         server.checkpointer.mark(turn.tenant, turn.context_id)
-    tenants.enforce_cap(turn.tenant)
+    server.tenants.enforce_cap(turn.tenant)
 
 
 def usage(info: GenerationInfo) -> Usage:

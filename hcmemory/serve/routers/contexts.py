@@ -7,7 +7,8 @@ now, ``DELETE`` removes it from memory and store.  A context id is also a sessio
 sent with ``x-session-id: <id>`` continues that context.  Another tenant asking for the same id gets 404:
 its pool and store are its own (``tenants.py``).
 
-Every operation runs on the model thread (``worker.py``), one at a time, like generations.
+Every operation runs on the pool thread (``worker.py``), one at a time; an answer's token loop runs on a
+generation thread, in the model's batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from ...config import HCConfig
 from ...context import HCContext
+from ...decoding import Generation
 from ...pool import ContextPool
 from ...stores import ContextStore, StaleCheckpointError
 from ..deps import CallerDep, ServerDep, get_caller
@@ -131,17 +133,20 @@ async def ask(context_id: ContextId, body: AskRequest, request: Request, server:
               caller: CallerDep) -> Answer:
     limit = max_new_tokens(body.max_tokens, server.settings, "max_tokens")
 
-    def job(run: Run) -> None:
+    def start() -> Generation:
         pool = server.tenants.pool(caller.tenant)
         ctx = _existing(pool, context_id)
         with library_errors("question"):
-            generation = ctx.stream(body.question, commit=False, max_new_tokens=limit, temperature=body.temperature,
-                                    stop=body.stop, seed=body.seed)
+            return ctx.stream(body.question, commit=False, max_new_tokens=limit, temperature=body.temperature,
+                              stop=body.stop, seed=body.seed)
+
+    def job(run: Run) -> None:  # on a generation thread, the answer's steps in the model's batch
+        generation = run.in_order(start)
         run.info = generation.info
         try:
             for piece in generation:
                 run.emit(piece)
-                if run.cancelled.is_set():
+                if run.gone():
                     break
         finally:
             generation.close()
