@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import HCConfig
 from .demo import DEMO_PRESET, demo
-from .eval import STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, run, write_report
+from .eval import FILLERS, REAL_FILLERS, STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, run, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--lengths", nargs="+", type=int, default=list(STANDARD_LENGTHS))
     e.add_argument("--questions", type=int, default=5, help="at least this many questions per (task, length)")
     e.add_argument("--out", default="eval-results", help="results directory (cells are cached there)")
+    e.add_argument("--fillers", nargs="+", default=list(FILLERS), choices=FILLERS + REAL_FILLERS,
+                   help="haystack texts, one per seed in turn: the generated ones (default) or text people wrote "
+                        f"({', '.join(REAL_FILLERS)}); give each set its own --out")
+    e.add_argument("--first-seed", type=int, default=0, help="first seed of every (task, length): another draw")
     r = sub.add_parser("report", help="tables, intervals and plots of an eval results directory")
     r.add_argument("out", help="the results directory of `hcmemory eval`")
     r.add_argument("--output", default=None, help="where to write the Markdown (default: OUT/RESULTS.md)")
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
-        out = run(Plan(args.methods, args.tasks, args.lengths, args.questions, Path(args.out), args.model))
+        out = run(Plan(args.methods, args.tasks, args.lengths, args.questions, Path(args.out), args.model,
+                       args.fillers, args.first_seed))
         print(f"report: {write_report(out)}")
         return 0
     if args.command == "serve":

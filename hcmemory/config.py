@@ -302,12 +302,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hc-12.5": {**_HC, "vq_subvector_dim": 2},
     "hc-12.5-bounded": {**_HC, "vq_subvector_dim": 2, "eviction": "mean", "budget": 4096},
     # everything kept at 35-38 % of an fp16 cache in total: 4-dim sub-vector codes next to the model
-    # (6.5 %) only select; int4 residuals of the keys (what the codes miss) re-score, int4 values sit on
-    # the host (one group of 64 channels per row), and the rows read exactly (sinks, the last 64 rows,
-    # the chunk) keep 16-bit copies.  The key precision, not the codes, sets the accuracy; every layout
-    # tried below these bytes lost (docs/DESIGN-NOTES.md).
+    # (6.5 %) plus int4 residuals of the keys (what the codes miss) give the keys every step scores,
+    # int4 values sit on the host (one group of 64 channels per row), and the rows read exactly (sinks,
+    # the last 64 rows, the chunk) keep 16-bit copies.  top_p=1.0: every row is scored, none selected
+    # away.  On text people wrote, selecting by 4-dim codes at top-p 0.9 dropped rows a copied number
+    # needed (exact keys or exact values did not bring the answer back, reading every row did); on a
+    # held-out draw it kept 68 % of full attention's answers word for word instead of 41 % — short of
+    # 90 %.  Every layout tried below these bytes lost (docs/DESIGN-NOTES.md).
     "compact": {**_HC, "vq_subvector_dim": 4, "rescore_keys": "int4", "rescore_residual": True,
-                "value_codec": "int4", "quant_group_size": 64, "full_precision_window": True},
+                "value_codec": "int4", "quant_group_size": 64, "full_precision_window": True, "top_p": 1.0},
     # classic policies in the same frame
     "streaming": {"eviction": "streaming", "budget": 1024},
     "h2o": {"eviction": "h2o", "budget": 0.25},

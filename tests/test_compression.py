@@ -108,6 +108,23 @@ def test_top_p_selection_reads_fewer_rows_and_stays_close():
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
 
 
+def test_compact_scores_every_row_whatever_its_codes_say():
+    """``compact`` selects nothing away: on text people wrote, 4-dim codes at top-p 0.9 dropped rows a
+    copied number needed (docs/DESIGN-NOTES.md).  Every step attends over all its stored rows (codes plus
+    int4 residuals, int4 values) as plain softmax would; the same layout at top-p 0.9 reads a subset."""
+    for top_p in (1.0, 0.9):
+        config = HCConfig.preset("compact", vq_centroids=16, top_p=top_p, recent_tokens=16)
+        layer, _, _ = filled_layer(config, n=400)
+        query = torch.randn(1, 4, 1, 16) * 0.3  # diffuse attention, as over prose
+        layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+        got = attend(layer, query, 0.25)
+        if top_p == 1.0:
+            assert top_p == HCConfig.preset("compact").top_p
+            assert_close(got, reference_attention(query, *layer.exact_rows(0, len(layer)), 0.25), rel=1e-5)
+        else:
+            assert layer.selected_rows < layer.selectable_rows
+
+
 def test_residual_rescoring_keys_refine_the_codes_in_the_same_bytes():
     """``rescore_residual``: the host copy holds ``key − decode(code)``, and every read of exact keys
     (a range, selected rows) adds the codes back."""

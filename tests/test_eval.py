@@ -4,6 +4,9 @@ cells, and reports with honest intervals."""
 from __future__ import annotations
 
 import json
+import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from hcmemory import cache_kwarg
 from hcmemory.eval import report as report_module  # the module (hcmemory.eval exports write_report)
 from hcmemory.eval.methods import PressMethod, parse_method, record, tensor_bytes
 from hcmemory.eval.runner import Plan, run
+from hcmemory.eval import tasks as tasks_module
+from hcmemory.eval.fillers import REAL_FILLERS, real_paragraphs
 from hcmemory.eval.tasks import TASKS, Question, make_case, normalize, score
 
 from .conftest import tiny_model
@@ -61,6 +66,62 @@ def test_questions_are_phrased_differently_from_their_needles(tokenizer):
     assert len({c.filler for c in cases}) == 4
     kinds = {("-" in c.questions[0].answers[0], c.questions[0].answers[0].isdigit()) for c in cases}
     assert len(kinds) == 3, "numbers, words and codes"
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "cwe"])
+def test_real_prose_haystacks_keep_their_needles_and_every_answer_once(tokenizer, task):
+    for seed in range(len(REAL_FILLERS)):
+        case = make_case(task, 2048, seed, tokenizer, REAL_FILLERS)
+        plain = make_case(task, 2048, seed, tokenizer)
+        assert case.filler == REAL_FILLERS[seed] and case.context != plain.context
+        if task != "single":  # the same needles and questions (single's word values avoid the text's words)
+            assert [q.text for q in case.questions] == [q.text for q in plain.questions]
+        for q in case.questions:
+            for answer in q.answers:
+                needle = f"VAR {answer} =" if task == "vt" else answer
+                assert case.context.count(needle) == 1, (case.key, case.filler, answer)
+
+
+@pytest.mark.parametrize("kind", REAL_FILLERS)
+def test_a_real_filler_is_its_document_read_in_order_from_a_seeded_paragraph(tokenizer, kind):
+    paragraphs = real_paragraphs(kind)
+    assert len(paragraphs) > 150 and all("\n" not in p for p in paragraphs), "one paragraph a block, lines joined"
+    starts = set()
+    for seed in range(4):
+        case = make_case("multikey", 3000, seed * len(REAL_FILLERS) + REAL_FILLERS.index(kind), tokenizer,
+                         REAL_FILLERS)
+        blocks = [b for b in case.context.split("\n\n") if b in paragraphs]
+        assert len(blocks) >= len(case.context.split("\n\n")) - 5, "only the five needles are not the text's"
+        first = [i for i in range(len(paragraphs))  # a heading may recur: the start is where the rest follows
+                 if blocks == [paragraphs[(i + j) % len(paragraphs)] for j in range(len(blocks))]]
+        assert first, "the document's paragraphs in order"
+        starts.add(first[0])
+    assert len(starts) == 4, "each seed starts elsewhere in the document"
+
+
+def test_word_needles_are_never_words_of_a_real_filler():
+    for kind in REAL_FILLERS:
+        text = set(re.findall(r"[a-z]+", " ".join(real_paragraphs(kind)).lower()))
+        values = {tasks_module._value(random.Random(i), "word", kind) for i in range(200)}
+        assert values and not values & text, kind
+
+
+def test_the_generated_fillers_haystacks_are_the_committed_grids(tokenizer):
+    """Real fillers are an option: the default cases stay those of the committed grid, whose cells are
+    keyed by each case's digest (a changed haystack would recompute the whole grid)."""
+    from hcmemory.eval.runner import _digest
+
+    cells = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "eval" / "cells" / "full"
+    for name in ("qa-2048-0.json", "multikey-2048-1.json", "vt-2048-2.json", "single-2048-3.json"):  # each filler
+        cell = json.loads((cells / name).read_text(encoding="utf-8"))
+        assert cell["case"] == _digest(make_case(cell["task"], cell["length"], cell["seed"], tokenizer)), name
+
+
+def test_unknown_fillers_are_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="filler"):
+        make_case("single", 512, 0, tokenizer, ("novels",))
+    with pytest.raises(ValueError, match="filler"):
+        run(Plan(methods=["full"], tasks=["single"], lengths=[512], questions=1, out=tmp_path, fillers=()))
 
 
 def test_scores_are_inclusion_after_normalisation():

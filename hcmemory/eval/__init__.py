@@ -6,8 +6,9 @@ memory axes measured, results cached per cell, reports with intervals and plots.
 resumable grid and ``report`` the tables, plots and ``docs/RESULTS.md``.
 """
 
+from .fillers import FILLERS, REAL_FILLERS
 from .report import write_report
 from .runner import STANDARD_LENGTHS, STANDARD_METHODS, Plan, run
 from .tasks import TASKS, make_case, score
 
-__all__ = ["STANDARD_LENGTHS", "STANDARD_METHODS", "TASKS", "Plan", "make_case", "run", "score", "write_report"]
+__all__ = ["FILLERS", "REAL_FILLERS", "STANDARD_LENGTHS", "STANDARD_METHODS", "TASKS", "Plan", "make_case", "run", "score", "write_report"]

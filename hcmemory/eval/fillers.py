@@ -1,12 +1,27 @@
-"""Haystack text that carries no answer: four kinds, so a claim never rests on one style of text.
+"""Haystack text that carries no answer, so a claim never rests on one style of text.
+
+The generated fillers (``FILLERS``, the standard grid's):
 
 * ``noise`` — RULER's repeated template sentences ("The grass is green. ...");
 * ``prose`` — the shipped essay paragraphs in a seeded order;
 * ``shuffled`` — the same essays cut into sentences and shuffled, so no paragraph survives;
 * ``logs`` — synthetic service log lines (timestamps, ids, latencies: digits everywhere).
 
-Each filler yields sentences; the task builder counts their tokens and places needles between them,
-never inside one.  None of them is the calibration text the codebooks were fitted on.
+Text people wrote (``REAL_FILLERS``): generated text is more regular than real text, and a codec that
+holds on it can still lose answers on real documents.  Three kinds of CPython's own documentation
+(PSF License, copied from CPython 3.11.7 by ``benchmarks/prose_fillers.py``; sources and license in
+``hcmemory/data/PROSE-SOURCES.md``):
+
+* ``reference`` — the Language Reference's prose (``pydoc_data/topics.py``): dense technical definitions;
+* ``manual`` — IDLE's user manual (``idlelib/help.html``): instructions, menus, second person;
+* ``changelog`` — IDLE's change log (``idlelib/NEWS.txt``): terse entries, issue numbers, names, versions.
+
+A real filler is read in order, as a document is, from a paragraph the seed picks, wrapping around at
+the end (each file is longer than the longest haystack, so no paragraph repeats in one).
+
+Each filler yields units (sentences, log lines, paragraphs of the real texts); the task builder counts
+their tokens and places needles between them, never inside one.  None of them is the calibration text
+the codebooks were fitted on.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from functools import cache
 from importlib import resources
 
 FILLERS = ("noise", "prose", "shuffled", "logs")
+REAL_FILLERS = ("reference", "manual", "changelog")
 
 _NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 _SERVICES = ("api-gateway", "billing", "search-index", "auth", "scheduler", "mailer", "thumbnailer", "ledger")
@@ -28,6 +44,13 @@ _LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN")
 @cache
 def _paragraphs() -> tuple[str, ...]:
     text = resources.files("hcmemory.data").joinpath("filler.txt").read_text(encoding="utf-8")
+    return tuple(p.strip() for p in text.split("\n\n") if p.strip())
+
+
+@cache
+def real_paragraphs(kind: str) -> tuple[str, ...]:
+    """The paragraphs of a real filler, in the document's order."""
+    text = resources.files("hcmemory.data").joinpath(f"prose-{kind}.txt").read_text(encoding="utf-8")
     return tuple(p.strip() for p in text.split("\n\n") if p.strip())
 
 
@@ -45,10 +68,16 @@ def _log_line(rng: random.Random) -> str:
 
 
 def sentences(kind: str, seed: int) -> Iterator[str]:
-    """An endless, seeded stream of filler sentences (log lines for ``logs``)."""
-    if kind not in FILLERS:
-        raise ValueError(f"unknown filler {kind!r}; fillers: {', '.join(FILLERS)}")
+    """An endless, seeded stream of filler sentences (log lines for ``logs``, paragraphs of a real text)."""
+    if kind not in FILLERS + REAL_FILLERS:
+        raise ValueError(f"unknown filler {kind!r}; fillers: {', '.join(FILLERS + REAL_FILLERS)}")
     rng = random.Random(f"filler-{kind}-{seed}")
+    if kind in REAL_FILLERS:
+        paragraphs = real_paragraphs(kind)
+        start = rng.randrange(len(paragraphs))
+        while True:
+            yield from paragraphs[start:]
+            yield from paragraphs[:start]
     while True:
         if kind == "noise":
             yield from _NOISE
@@ -66,5 +95,7 @@ def sentences(kind: str, seed: int) -> Iterator[str]:
 
 
 def separator(kind: str) -> str:
-    """What joins two sentences of this filler."""
+    """What joins two sentences of this filler (two paragraphs of a real text)."""
+    if kind in REAL_FILLERS:
+        return "\n\n"
     return "\n" if kind == "logs" else " "

@@ -73,18 +73,20 @@ def _kl(p_logits: list[float], q_logits: list[float]) -> float:
 
 def _fidelity(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
     """How close a method stays to full attention on the same questions: the share of answers that are
-    word for word full attention's; the KL divergence from full attention's first answer token
-    distribution, both restricted to full attention's 20 most likely tokens (a token a method does not
+    word for word full attention's; ``first_agreement``, the share whose first answer token is full
+    attention's (the most likely one: greedy decoding's); the KL divergence from full attention's first
+    answer token distribution, both restricted to full attention's 20 most likely tokens (a token a method does not
     rank there counts at the method's 20th log-probability); and ``nll_gap``, how many nats per token
     less likely the method finds full attention's whole answer than full attention does.  Far less
     noisy than pass/fail, so it ranks variants that tie on accuracy."""
-    same, kls = [], []
+    same, first, kls = [], [], []
     for q, r in _pairs(group, reference).values():
         same.append(q["answer"].strip() == r["answer"].strip())
         if q.get("first") and r.get("first"):
+            first.append(max(q["first"], key=q["first"].get) == max(r["first"], key=r["first"].get))
             floor = min(q["first"].values())
             kls.append(_kl([v for v in r["first"].values()], [q["first"].get(t, floor) for t in r["first"]]))
-    return {"agreement": _mean(same), "kl": _mean(kls), "nll_gap": _mean(_nll_gaps(group, reference).values())}
+    return {"agreement": _mean(same), "first_agreement": _mean(first), "kl": _mean(kls), "nll_gap": _mean(_nll_gaps(group, reference).values())}
 
 
 def _pairs(group: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[tuple, tuple[dict, dict]]:

@@ -33,6 +33,7 @@ from ..files import atomic_path
 from ..models import load_model
 from .methods import Answer, Method, Question, available, parse_method, record
 from .report import REFERENCE
+from .fillers import FILLERS, REAL_FILLERS
 from .tasks import TASKS, Case, cases_for, score
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,12 @@ class Plan:
     """At least this many questions per (task, length); with six tasks, >= 30 per (method, length)."""
     out: Path = Path("eval-results")
     model: str | None = None
+    fillers: Sequence[str] = FILLERS
+    """Haystack texts, one per seed in turn: the generated ones by default, ``REAL_FILLERS`` for text
+    people wrote.  Cells are keyed by task, length and seed only, so a run on other fillers takes its
+    own results directory (a cell whose haystack changed would be recomputed, not reused)."""
+    first_seed: int = 0
+    """The first seed of every (task, length): a second, independent draw of cases starts elsewhere."""
 
 
 def frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -93,6 +100,9 @@ def run(plan: Plan) -> Path:
     unknown = sorted(set(plan.tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(TASKS)}")
+    unknown = sorted(set(plan.fillers) - set(FILLERS + REAL_FILLERS))
+    if unknown or not plan.fillers:
+        raise ValueError(f"unknown or no filler(s) {unknown}; fillers: {', '.join(FILLERS + REAL_FILLERS)}")
     methods: list[Method] = []
     # full attention runs first (or is read from its cells) whatever the plan names: its answers are what
     # every other method's forced log-probability scores, and without them a method would score its own
@@ -110,10 +120,11 @@ def run(plan: Plan) -> Path:
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "environment.json").write_text(json.dumps({**environment(), "model": plan.model or "SmolLM2-135M-Instruct",
+                                                      "fillers": list(plan.fillers), "first_seed": plan.first_seed,
                                                       "skipped": sorted(set(plan.methods) - {m.spec for m in methods})},
                                                      indent=2))
     before, after = frame(tokenizer)
-    cases = _interleaved([cases_for(task, length, plan.questions, tokenizer)
+    cases = _interleaved([cases_for(task, length, plan.questions, tokenizer, plan.first_seed, plan.fillers)
                           for length in plan.lengths for task in plan.tasks])
     with tqdm(total=len(cases) * len(methods), desc="eval", unit="cell") as bar:
         for case in cases:

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
 from transformers import PreTrainedTokenizerBase
 
-from .fillers import FILLERS, _paragraphs, separator, sentences
+from .fillers import FILLERS, REAL_FILLERS, _paragraphs, real_paragraphs, separator, sentences
 
 TASKS = ("single", "multikey", "multivalue", "vt", "cwe", "qa")
 
@@ -102,8 +103,11 @@ def score(answer: str, question: Question) -> float:
 
 
 @cache
-def _filler_words() -> frozenset[str]:
-    return frozenset(re.findall(r"[a-z]+", " ".join(_paragraphs()).lower()))
+def _filler_words(filler: str) -> frozenset[str]:
+    """Words a word-valued needle must not be: the essays' (every generated filler keeps the values it
+    always drew), and a real text's own words besides."""
+    text = " ".join(_paragraphs() + (real_paragraphs(filler) if filler in REAL_FILLERS else ()))
+    return frozenset(re.findall(r"[a-z]+", text.lower()))
 
 
 class _Builder:
@@ -141,11 +145,11 @@ def _keys(rng: random.Random, count: int) -> list[str]:
     return [f"the {a} {n}" for a, n in pairs]
 
 
-def _value(rng: random.Random, kind: str) -> str:
+def _value(rng: random.Random, kind: str, filler: str) -> str:
     if kind == "number":
         return str(rng.randint(1_000_000, 9_999_999))
     if kind == "word":
-        return rng.choice([w for w in VALUE_WORDS if w not in _filler_words()])
+        return rng.choice([w for w in VALUE_WORDS if w not in _filler_words(filler)])
     return f"{rng.getrandbits(16):04x}-{rng.getrandbits(16):04x}"
 
 
@@ -160,9 +164,9 @@ def _needle_case(b: _Builder, rng: random.Random, keys: int, kind: str | None = 
     values: set[str] = set()
     for key, depth in zip(_keys(rng, keys), _depths(rng, keys)):
         name = rng.choice(SINGLE_KINDS[kind])
-        value = _value(rng, kind)
+        value = _value(rng, kind, b.filler)
         while value in values:
-            value = _value(rng, kind)
+            value = _value(rng, kind, b.filler)
         values.add(value)
         b.unique.append(value)
         b.add(depth, rng.choice(NEEDLE_PHRASES).format(kind=name, key=key, value=value))
@@ -174,7 +178,7 @@ def _needle_case(b: _Builder, rng: random.Random, keys: int, kind: str | None = 
 def _multivalue(b: _Builder, rng: random.Random) -> list[Question]:
     questions = []
     for key in _keys(rng, 3):
-        values = [_value(rng, "number") for _ in range(4)]
+        values = [_value(rng, "number", b.filler) for _ in range(4)]
         b.unique += values
         for value, depth in zip(values, _depths(rng, 4)):
             b.add(depth, f"One of the special magic numbers for {key} is: {value}.")
@@ -237,20 +241,25 @@ def _cwe(tokenizer: PreTrainedTokenizerBase, length: int, rng: random.Random) ->
                      Question("Name three words that appear many times in the list above.", tuple(common), None, 24)]
 
 
-def make_case(task: str, length: int, seed: int, tokenizer: PreTrainedTokenizerBase) -> Case:
-    """The case of ``task`` at about ``length`` tokens for ``seed`` (the same every time).
+def make_case(task: str, length: int, seed: int, tokenizer: PreTrainedTokenizerBase,
+              fillers: Sequence[str] = FILLERS) -> Case:
+    """The case of ``task`` at about ``length`` tokens for ``seed`` (the same every time), its haystack
+    from ``fillers[seed % len(fillers)]`` (``cwe`` has none: its haystack is the word list).
 
     Draws again (deterministically) until every answer occurs exactly once in the haystack: a
     value that also turned up in the filler (digits in log lines, say) could be found by chance.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    unknown = sorted(set(fillers) - set(FILLERS + REAL_FILLERS))
+    if unknown or not fillers:
+        raise ValueError(f"unknown or no filler(s) {unknown}; fillers: {', '.join(FILLERS + REAL_FILLERS)}")
     for attempt in range(100):
         rng = random.Random(f"{task}-{length}-{seed}-{attempt}")
         if task == "cwe":  # its answers are the words that occur most often, by design
             context, questions = _cwe(tokenizer, length, rng)
             return Case(task, length, seed, "words", context, tuple(questions))
-        filler = FILLERS[seed % len(FILLERS)]
+        filler = fillers[seed % len(fillers)]
         b = _Builder(tokenizer, length, filler, seed + 1000 * attempt)
         questions = {"single": lambda: _needle_case(b, rng, 1), "multikey": lambda: _needle_case(b, rng, 5, "number"),
                      "multivalue": lambda: _multivalue(b, rng), "vt": lambda: _variable_tracking(b, rng),
@@ -261,12 +270,12 @@ def make_case(task: str, length: int, seed: int, tokenizer: PreTrainedTokenizerB
     raise RuntimeError(f"could not place unique answers for {task} at {length} tokens (seed {seed})")
 
 
-def cases_for(task: str, length: int, questions: int, tokenizer: PreTrainedTokenizerBase, first_seed: int = 0
-              ) -> list[Case]:
+def cases_for(task: str, length: int, questions: int, tokenizer: PreTrainedTokenizerBase, first_seed: int = 0,
+              fillers: Sequence[str] = FILLERS) -> list[Case]:
     """Enough cases of ``task`` at ``length`` for at least ``questions`` questions."""
     out: list[Case] = []
     seed = first_seed
     while sum(len(c.questions) for c in out) < questions:
-        out.append(make_case(task, length, seed, tokenizer))
+        out.append(make_case(task, length, seed, tokenizer, fillers))
         seed += 1
     return out
