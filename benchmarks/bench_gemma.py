@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 
@@ -30,7 +28,7 @@ from hcmemory.models import GLOBAL, SLIDING
 from hcmemory.prefill import prefill
 
 from .bench_speed import summarise
-from .common import haystack_ids, peak_rss_mb, print_table, write_results
+from .common import haystack_ids, peak_rss_mb, print_table, run_isolated, write_results
 
 MODEL = "gemma-3-270m"
 DECODE_STEPS = 32
@@ -97,13 +95,6 @@ def measure_speed(name: str, tokens: int) -> dict:
             "kv_device_mb": device / 2**20, "kv_host_mb": host / 2**20}
 
 
-def _run_one(name: str, tokens: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_gemma", "--one", name, str(tokens)],
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--length", type=int, default=8192, help="tokens prefilled for the speed table")
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for round_ in range(args.rounds):
         for name in args.caches:
-            runs.append({**_run_one(name, args.length, args.threads), "round": round_})
+            runs.append({**run_isolated("benchmarks.bench_gemma", name, args.length, threads=args.threads), "round": round_})
             print(f"  {name:>10} @ {args.length}, round {round_}: prefill {runs[-1]['prefill_tok_s']:.0f} tok/s, "
                   f"decode {runs[-1]['decode_tok_s']:.1f} tok/s", flush=True)
     rows = summarise(runs)

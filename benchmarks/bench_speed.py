@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -23,7 +20,7 @@ from transformers import DynamicCache
 from hcmemory import HCCache, HCConfig, cache_kwarg, load_model
 from hcmemory.prefill import prefill
 
-from .common import haystack_ids, peak_rss_mb, print_table, write_results
+from .common import haystack_ids, peak_rss_mb, print_table, run_isolated, write_results
 
 DECODE_STEPS = 32
 
@@ -53,13 +50,6 @@ def measure(cache_name: str, tokens: int) -> dict:
     return {"cache": cache_name, "tokens": tokens, "prefill_tok_s": tokens / prefill_s,
             "decode_tok_s": DECODE_STEPS / decode_s, "peak_rss_mb": peak_rss_mb(),
             "kv_device_mb": device / 2**20, "kv_host_mb": host / 2**20}
-
-
-def run_one(cache: str, tokens: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_speed", "--one", cache, str(tokens)],
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -94,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     for tokens in args.lengths:
         for round_ in range(args.repeats):
             for cache in args.caches:
-                runs.append({**run_one(cache, tokens, args.threads), "round": round_})
+                runs.append({**run_isolated("benchmarks.bench_speed", cache, tokens, threads=args.threads), "round": round_})
                 print(f"  {cache:>10} @ {tokens}, round {round_}: prefill {runs[-1]['prefill_tok_s']:.0f} tok/s, "
                       f"decode {runs[-1]['decode_tok_s']:.1f} tok/s", flush=True)
     rows = summarise(runs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,14 @@ def haystack_ids(tokenizer, tokens: int, seed: int = 0) -> list[int]:
         if len(ids) >= tokens:
             return ids[:tokens]
     raise AssertionError("the filler stream is endless")
+
+
+def run_isolated(module: str, *args: object, threads: int) -> dict[str, Any]:
+    """``python -m <module> --one <args>`` in a fresh process with ``threads`` threads: one measurement whose
+    peak memory is its own; returns the JSON object its last output line holds."""
+    out = subprocess.run([sys.executable, "-m", module, "--one", *map(str, args)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mb() -> float:

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hcmemory import HCCache, HCConfig, HCContext, cache_kwarg, load_model, model_fingerprint
+from hcmemory import HCCache, HCConfig, HCContext, load_model, model_fingerprint
 from hcmemory.config import PRESETS
+from tests.test_cache_exact import run
 from hcmemory.models.weights import (INT4_GROUP_SIZE, WEIGHT_FORMATS, Int4Linear, Int8Linear, check_weights,
                                      weights_dtype)
-from hcmemory.prefill import prefill
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
 """The CPU formats (fp16 is a GPU format; on a CPU it is only slower bf16)."""
@@ -55,24 +55,12 @@ def test_every_preset_decodes(models, weights, preset):
     assert {layer.dtype for layer in ctx.cache.layers} == {weights_dtype(weights)}
 
 
-@torch.inference_mode()
-def _run(model: nn.Module, cache: object, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int]]:
-    logits = prefill(model, cache, ids, chunk_size=ids.shape[1])
-    all_logits, tokens = [logits], []
-    for _ in range(steps):
-        token = logits.argmax(-1, keepdim=True)
-        tokens.append(int(token))
-        logits = model(input_ids=token, use_cache=True, **cache_kwarg(model, cache)).logits[:, -1]
-        all_logits.append(logits)
-    return torch.cat(all_logits).float(), tokens
-
-
 @pytest.mark.parametrize("weights", FORMATS)
 def test_full_matches_dynamic_cache_under_the_same_weights(models, weights):
     model, tokenizer = models[weights]
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
-    expected, expected_tokens = _run(model, DynamicCache(config=model.config), ids, steps=8)
-    actual, tokens = _run(model, HCCache(model, "full"), ids, steps=8)
+    expected, expected_tokens = run(model, DynamicCache(config=model.config), ids, 8, ids.shape[1])
+    actual, tokens = run(model, HCCache(model, "full"), ids, 8, ids.shape[1])
     err = (actual - expected).abs().max() / expected.abs().max()
     assert err <= (1e-4 if weights == "fp32" else 1e-2), f"max relative error {err:.2e}"
     assert tokens == expected_tokens
