@@ -33,7 +33,7 @@ NEW_VENV = test -x $(1)/bin/python || $(PY) -m venv $(1); \
 # against transformers' own cache, the context's life cycle and the server driven by its real clients.
 SMOKE := tests/test_packaging.py tests/test_cache_exact.py tests/test_context.py tests/test_serve.py "tests/test_examples.py::test_example_runs[quickstart.py]"
 
-.PHONY: venv venv-compat model demo test test-latest lock docs bench
+.PHONY: venv venv-compat model demo test test-latest lock docs bench bench-gemma
 
 venv: $(VENV)/.installed
 
@@ -93,3 +93,16 @@ bench: venv venv-compat model
 	$(COMPAT)/bin/hcmemory report $(EVAL_OUT) --output docs/RESULTS.md --ablations benchmarks/results/ablation-4k benchmarks/results/ablation-compact-7.5k
 	$(COMPAT)/bin/python -m benchmarks.run
 	$(VENV)/bin/python -m benchmarks.bench_integrations
+
+# The second model's grid: Gemma 3 270M from 2K to 32,512 tokens (its 32,768 positions less room for a
+# question), the presets, quanto int4 and the kvpress presses at 12.5 % and 40 %, report in
+# docs/RESULTS-gemma.md.  Resumable, round-robin over tasks and lengths; about 17 CPU-minutes per 32K
+# haystack at one thread (docs/ACCURACY.md, "Gemma 3 270M").
+GEMMA_OUT ?= benchmarks/results/eval-gemma
+GEMMA_METHODS ?= full hc-25 hc-12.5 compact quanto-4 kvpress:SnapKV@0.125 kvpress:StreamingLLM@0.125 \
+	kvpress:Knorm@0.125 kvpress:ExpectedAttention@0.125 kvpress:TOVA@0.125 kvpress:SnapKV@0.4 \
+	kvpress:ExpectedAttention@0.4 kvpress:TOVA@0.4
+bench-gemma: venv-compat
+	$(COMPAT)/bin/hcmemory eval --model gemma-3-270m --lengths 2048 4096 8192 16384 32512 \
+		--methods $(GEMMA_METHODS) --out $(GEMMA_OUT)
+	$(COMPAT)/bin/hcmemory report $(GEMMA_OUT) --output docs/RESULTS-gemma.md

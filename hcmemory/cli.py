@@ -13,6 +13,10 @@ from pathlib import Path
 from .config import HCConfig
 from .demo import DEMO_PRESET, demo
 from .eval import FILLERS, REAL_FILLERS, STANDARD_LENGTHS, STANDARD_METHODS, TASKS, Plan, run, write_report
+from .models import EMBEDDED_MODELS
+
+MODEL_HELP = (f"an embedded model ({', '.join(EMBEDDED_MODELS)}; fetched and converted on first use) or a local "
+              f"Hugging Face model directory (default: {next(iter(EMBEDDED_MODELS))})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="answer questions about a long built-in document and compare memory/speed")
     d.add_argument("--preset", default=DEMO_PRESET, choices=HCConfig.presets())
-    d.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
+    d.add_argument("--model", default=None, help=MODEL_HELP)
     d.add_argument("--max-new-tokens", type=int, default=32)
     e = sub.add_parser("eval", help="RULER-style accuracy of KV-cache methods on the same prompts (resumable)")
-    e.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
+    e.add_argument("--model", default=None, help=MODEL_HELP)
     e.add_argument("--methods", nargs="+", default=list(STANDARD_METHODS),
                    help="full, a preset, preset:field=value,..., quanto-4, kvpress:<Press>@<bytes ratio> (full always "
                         "runs too, or is read from its cells: every method is scored on its answers)")
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "(docs/serving.md; needs hcmemory[serve])")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--model", default=None, help="a local Hugging Face model directory (default: embedded SmolLM2)")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
     s.add_argument("--preset", default=None, help="how conversations store their KV state (default: hc-12.5)")
     s.add_argument("--store", default=None, help="a directory of the tenants' SQLite stores (default: serve/ under "
                                                  "the cache root) or a postgresql:// URL (one database, a namespace "

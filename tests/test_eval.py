@@ -14,7 +14,8 @@ from transformers import DynamicCache
 
 from hcmemory import cache_kwarg
 from hcmemory.eval import report as report_module  # the module (hcmemory.eval exports write_report)
-from hcmemory.eval.methods import PressMethod, parse_method, record, tensor_bytes
+from hcmemory.eval import methods as methods_module
+from hcmemory.eval.methods import PressMethod, cache_bytes, parse_method, record, tensor_bytes
 from hcmemory.eval.runner import Plan, run
 from hcmemory.eval import tasks as tasks_module
 from hcmemory.eval.fillers import REAL_FILLERS, real_paragraphs
@@ -191,6 +192,70 @@ def test_replayed_presses_equal_kvpress_own_compression(press):
         torch.testing.assert_close(ours.values, theirs.values)
 
 
+def test_a_recording_in_chunks_is_the_one_pass_prefill(monkeypatch):
+    """Chunked (so 32K tokens do not hold 32K x 32K scores), the recording keeps what one pass computes,
+    each layer's inputs and rotary tables too."""
+    model = tiny_model("gemma3")
+    ids = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    whole = record(model, ids)
+    monkeypatch.setattr(methods_module, "RECORD_CHUNK", 16)
+    chunked = record(model, ids)
+    for name in ("keys", "values", "hidden"):
+        for a, b in zip(getattr(whole, name), getattr(chunked, name)):
+            assert a.shape == b.shape and a.shape[-2 if name != "hidden" else 1] == 70
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (cos_a, sin_a), (cos_b, sin_b) in zip(whole.position_embeddings, chunked.position_embeddings):
+        torch.testing.assert_close(cos_a, cos_b) and torch.testing.assert_close(sin_a, sin_b)
+    sliding, global_ = chunked.position_embeddings[0][0], chunked.position_embeddings[1][0]
+    assert not torch.equal(sliding, global_)  # Gemma 3 rotates its two kinds of layers with different bases
+
+
+@pytest.mark.core
+def test_presses_on_a_hybrid_model_compress_the_global_layers_and_answer_as_decoding_would():
+    """On Gemma 3's layout a press keeps the sliding layers whole (as kvpress does); the question then
+    runs one token at a time, since a one-pass prompt would see its own later tokens in the shorter
+    global layer, and memory counts a sliding layer's window, not the rows kept for cutting back."""
+    pytest.importorskip("kvpress")
+    model = tiny_model("gemma3")
+    ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(4)).tolist()
+    rec = record(model, ids)
+    method = PressMethod("SnapKV", 0.25)
+    cache = method.build(model, rec)
+    assert [cache.get_seq_length(i) for i in range(3)] == [160, 20, 160]  # fp32 model: 12.5 % of the tokens
+    row_bytes = 2 * model.config.num_key_value_heads * 16 * 4  # keys + values, heads of 16, float32
+    assert cache_bytes(model, cache) == (15 + 20 + 15) * row_bytes  # window 16: 15 rows per sliding layer
+    question = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    reference = method.build(model, rec)
+    with torch.no_grad():
+        for offset, token in enumerate(question):
+            expected = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[160 + offset]]),
+                             use_cache=True, **cache_kwarg(model, reference)).logits[0, -1]
+    torch.testing.assert_close(methods_module._prompt(model, method.build(model, rec), question, 160), expected)
+    expected_attention = PressMethod("ExpectedAttention", 0.25).build(model, rec)  # rotates with the layer's own base
+    assert [expected_attention.get_seq_length(i) for i in range(3)] == [160, 20, 160]
+    try:  # why _prompt does not take the one-pass path here: it fails, or (mask cut to length) it is wrong
+        with torch.no_grad():
+            wrong = model(input_ids=torch.tensor([question]), position_ids=torch.arange(160, 169)[None],
+                          use_cache=True, **cache_kwarg(model, method.build(model, rec))).logits[0, -1]
+        assert not torch.allclose(wrong, expected, atol=1e-4)
+    except RuntimeError as exc:
+        assert "must match" in str(exc)
+
+
+def test_a_uniform_cache_takes_the_prompt_in_one_pass_with_the_same_logits():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(6)).tolist()
+    rec = record(model, ids)
+    question = [5, 9, 33, 7]
+    expected_cache = parse_method("full").build(model, rec)
+    with torch.no_grad():
+        for offset, token in enumerate(question):
+            expected = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[60 + offset]]),
+                             use_cache=True, **cache_kwarg(model, expected_cache)).logits[0, -1]
+    torch.testing.assert_close(methods_module._prompt(model, parse_method("full").build(model, rec), question, 60),
+                               expected, rtol=1e-4, atol=1e-5)
+
+
 def _cell(method, task, length, seed, scores, device=0.5, total=0.5):
     return {"method": method, "task": task, "length": length, "seed": seed, "context_tokens": length, "seconds": 1.0,
             "memory": {"device_ratio": device, "total_ratio": total, "selected_fraction": None},
@@ -221,6 +286,11 @@ def test_report_task_average_and_paired_interval(tmp_path):
     text = report_module.write_report(tmp_path, tmp_path / "out.md", [ablation]).read_text()
     section = text.split("## Ablation")[1]
     assert "| bad | -62.5" in section and "| hc |" not in section
+    # a second model's page beside the first names its plots after itself, so neither overwrites the other's
+    page = report_module.write_report(tmp_path, tmp_path / "docs" / "RESULTS-gemma.md")
+    plots = sorted(p.name for p in page.parent.glob("*.png"))
+    assert "results-gemma-accuracy-vs-length.png" in plots and all(p.startswith("results-gemma-") for p in plots)
+    assert all(f"({name})" in page.read_text() for name in plots)
 
 
 def test_head_to_head_pairs_ours_with_every_peer_in_accuracy_and_nll_gap():

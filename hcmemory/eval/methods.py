@@ -16,15 +16,24 @@ context, so the prefill itself is the same for all of them; the recording keeps 
 and replays ``press.compress`` on them (a test checks the result equals kvpress's own pipeline).
 The recording also gives ``full`` and the quantized caches their prefill.
 
+On a model with sliding-window layers (Gemma 3) the presses compress the global layers only, as
+kvpress does for Gemma 3: a sliding layer already holds a bounded window.  The recorded caches keep
+every row of a sliding layer (the model's mask limits what it sees), so they can be cut back after a
+question; memory counts the window's rows there, what a sliding cache holds.
+
 Memory is measured from the stored tensors after the prefill: bytes next to the model and bytes in
-total (model side + host), as ratios of a full fp16 cache of the same tokens.
+total (model side + host), as ratios of a full fp16 cache of the same tokens (a sliding layer's
+full cache: its window).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +44,7 @@ from ..cache import HCCache
 from ..config import HCConfig
 from ..decoding import Sampling, decode, stop_token_ids
 from ..glue import cache_kwarg
+from ..models.kinds import SLIDING, layer_kinds
 from ..prefill import prefill
 
 log = logging.getLogger(__name__)
@@ -99,13 +109,21 @@ class Recording:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Each layer's own (cos, sin): Gemma 3's sliding and global layers rotate with different bases."""
 
 
 def full_fp16_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """A full fp16 cache of ``tokens``: every row in a global layer, the window's in a sliding one."""
     mc = model.config
     dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    return tokens * mc.num_hidden_layers * 2 * mc.num_key_value_heads * dim * 2
+    rows = sum(_kept_rows(model, kind, tokens) for kind in layer_kinds(mc))
+    return rows * 2 * mc.num_key_value_heads * dim * 2
+
+
+def _kept_rows(model: torch.nn.Module, kind: str, rows: int) -> int:
+    # a query at position p sees keys at positions > p - window: a sliding layer keeps window - 1 rows
+    return min(rows, model.config.sliding_window - 1) if kind == SLIDING else rows
 
 
 def tensor_bytes(tensor: Any) -> int:
@@ -116,17 +134,33 @@ def tensor_bytes(tensor: Any) -> int:
     return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
 
 
+def cache_bytes(model: torch.nn.Module, cache: Any) -> int:
+    """Bytes a transformers cache holds; a sliding layer counts only its window's share of its rows."""
+    total = 0
+    for i, (layer, kind) in enumerate(zip(cache.layers, layer_kinds(model.config))):
+        nbytes = sum(tensor_bytes(t) for t in vars(layer).values())
+        rows = cache.get_seq_length(i)
+        total += nbytes * _kept_rows(model, kind, rows) // rows if rows else nbytes
+    return total
+
+
+RECORD_CHUNK = 2048
+"""Tokens per forward of the recorded prefill: one pass over 32K tokens would hold every layer's 32K x 32K
+attention scores (Gemma 3's full-length mask included); chunks keep that to 2K x 32K."""
+
+
 @torch.no_grad()
 def record(model: torch.nn.Module, context_ids: list[int]) -> Recording:
-    """Prefill ``context_ids`` once with a DynamicCache, keeping what every press needs."""
+    """Prefill ``context_ids`` with a DynamicCache, in chunks, keeping what every press needs."""
     rec = Recording(len(context_ids))
     layers = model.model.layers
-    hidden: list[torch.Tensor | None] = [None] * len(layers)
+    hidden: list[list[torch.Tensor]] = [[] for _ in layers]
+    embeddings: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
 
     def keep(index: int):
         def hook(module, args, kwargs, output):
-            hidden[index] = kwargs["hidden_states"]
-            rec.position_embeddings = kwargs["position_embeddings"]
+            hidden[index].append(kwargs["hidden_states"])
+            embeddings[index].append(kwargs["position_embeddings"])
         return hook
 
     handles = [layer.self_attn.register_forward_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -135,13 +169,16 @@ def record(model: torch.nn.Module, context_ids: list[int]) -> Recording:
         # is the whole context whatever the model; the sliding layers' masks still limit what they see
         cache = DynamicCache()
         ids = torch.tensor([context_ids], device=next(model.parameters()).device)
-        model.model(input_ids=ids, use_cache=True, **cache_kwarg(model, cache))
+        for start in range(0, ids.shape[1], RECORD_CHUNK):
+            model.model(input_ids=ids[:, start:start + RECORD_CHUNK], use_cache=True, **cache_kwarg(model, cache))
     finally:
         for handle in handles:
             handle.remove()
     rec.keys = [layer.keys for layer in cache.layers]
     rec.values = [layer.values for layer in cache.layers]
-    rec.hidden = hidden
+    rec.hidden = [torch.cat(parts, dim=1) for parts in hidden]
+    rec.position_embeddings = [(torch.cat([c for c, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=1))
+                               for parts in embeddings]
     return rec
 
 
@@ -224,9 +261,7 @@ def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: A
     first answer token's logits, the generated ids and their text."""
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    positions = torch.arange(position, position + len(ids), device=device)[None]
-    logits = model(input_ids=torch.tensor([ids], device=device), position_ids=positions, use_cache=True,
-                   logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
+    logits = _prompt(model, cache, ids, position)
     first_logits = logits
     generated: list[int] = []
     position += len(ids)
@@ -239,6 +274,24 @@ def _greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cache: A
                        position_ids=torch.tensor([[position + step]], device=device), use_cache=True,
                        **cache_kwarg(model, cache)).logits[0, -1]
     return first_logits, generated, tokenizer.decode(generated, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def _prompt(model: torch.nn.Module, cache: Any, ids: list[int], position: int) -> torch.Tensor:
+    """The last logits of ``ids`` fed at ``position`` on a recorded cache.  In one pass when every layer
+    holds as many rows; otherwise one token at a time: the model builds one causal mask from layer 0's
+    length, and a layer kept shorter (a press on Gemma 3's global layers only) would have that mask cut
+    to its own length, letting a prompt's tokens see the ones after them.  A single query sees every
+    kept row, so token by token is exact."""
+    device = next(model.parameters()).device
+    lengths = {cache.get_seq_length(i) for i in range(len(cache.layers))}
+    steps = [ids] if len(lengths) == 1 else [[token] for token in ids]
+    for offset, piece in zip(range(0, len(ids), len(steps[0])), steps):
+        at = position + offset
+        logits = model(input_ids=torch.tensor([piece], device=device), use_cache=True, logits_to_keep=1,
+                       position_ids=torch.arange(at, at + len(piece), device=device)[None],
+                       **cache_kwarg(model, cache)).logits[0, -1]
+    return logits
 
 
 class RecordedMethod(Method):
@@ -254,7 +307,7 @@ class RecordedMethod(Method):
 
     def answer(self, model, tokenizer, context_ids, questions, recording=None):
         cache = self.build(model, recording)
-        nbytes = sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values())
+        nbytes = cache_bytes(model, cache)
         memory = Memory(nbytes, nbytes, full_fp16_bytes(model, len(context_ids)))
         kept = None if self.rebuild_per_question else [layer.keys.shape[-2] for layer in cache.layers]
         answers = []
@@ -262,11 +315,7 @@ class RecordedMethod(Method):
         for i, q in enumerate(questions):
             logits, generated, text = _greedy(model, tokenizer, cache, q.ids, position, q.max_new_tokens)
             cache = self._reset(model, recording, cache, kept)
-            device = next(model.parameters()).device
-            ask = torch.arange(position, position + len(q.ids), device=device)[None]
-            with torch.no_grad():
-                start = model(input_ids=torch.tensor([q.ids], device=device), position_ids=ask, use_cache=True,
-                              logits_to_keep=1, **cache_kwarg(model, cache)).logits[0, -1]
+            start = _prompt(model, cache, q.ids, position)
             reference = q.reference if q.reference is not None else generated
             forced = _forced(model, cache, start, reference, position + len(q.ids))
             cache = self._reset(model, recording, cache, kept)
@@ -324,15 +373,48 @@ class PressMethod(RecordedMethod):
 
         keep = self.bytes_ratio * 2 / rec.keys[0].element_size()
         press = getattr(kvpress, f"{self.press}Press")(compression_ratio=1 - keep)
-        cache = DynamicCache(config=model.config)
-        layers = model.model.layers
+        cache = DynamicCache()  # every row of a sliding layer, as recorded (see ``record``)
         with press(model):  # sets up what compress needs (e.g. rotary embeddings); no forward runs
-            for i, layer in enumerate(layers):
+            for i, (layer, kind) in enumerate(zip(model.model.layers, layer_kinds(model.config))):
+                if kind == SLIDING:
+                    cache.update(rec.keys[i], rec.values[i], i)
+                    continue
                 attentions = _attentions(layer.self_attn, rec, i) if self.press == "ObservedAttention" else None
-                k, v = press.compress(layer.self_attn, rec.hidden[i], rec.keys[i], rec.values[i], attentions,
-                                      {"position_embeddings": rec.position_embeddings})
+                with _layer_rotary(model, layer.self_attn):
+                    k, v = press.compress(layer.self_attn, rec.hidden[i], rec.keys[i], rec.values[i], attentions,
+                                          {"position_embeddings": rec.position_embeddings[i]})
                 cache.update(k.contiguous(), v.contiguous(), i)
         return cache
+
+
+class _TypedRotary(torch.nn.Module):
+    """``rotary(x, positions)`` for one kind of layer (a Module: kvpress registered ``rotary_emb`` as one)."""
+
+    def __init__(self, rotary: torch.nn.Module, layer_type: str) -> None:
+        super().__init__()
+        self.rotary, self.layer_type = rotary, layer_type
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(x, position_ids, layer_type=self.layer_type)
+
+
+@contextmanager
+def _layer_rotary(model: torch.nn.Module, attention: torch.nn.Module) -> Iterator[None]:
+    """Give a press the rotary embedding of this layer's own kind while it compresses the layer.
+
+    kvpress hands every layer the model's ``rotary_emb`` and calls it as ``rotary_emb(x, positions)``
+    (ExpectedAttention rotates its expected query that way); Gemma 3's takes the layer's type as well
+    (its global and sliding layers rotate with different bases) and fails without it."""
+    rotary = model.model.rotary_emb
+    layer_type = getattr(attention, "layer_type", None)
+    if layer_type is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
+        yield
+        return
+    attention.rotary_emb = _TypedRotary(rotary, layer_type)
+    try:
+        yield
+    finally:
+        attention.rotary_emb = rotary
 
 
 def _attentions(module: torch.nn.Module, rec: Recording, index: int) -> torch.Tensor:
@@ -341,7 +423,7 @@ def _attentions(module: torch.nn.Module, rec: Recording, index: int) -> torch.Te
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     queries = get_prerope_query_states(module, rec.hidden[index])
-    queries, _ = apply_rotary_pos_emb(queries, queries, *rec.position_embeddings)
+    queries, _ = apply_rotary_pos_emb(queries, queries, *rec.position_embeddings[index])
     keys = repeat_kv(rec.keys[index], queries.shape[1] // rec.keys[index].shape[1])
     scores = queries @ keys.transpose(-1, -2) * module.scaling
     n = scores.shape[-1]

@@ -293,6 +293,7 @@ def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) ->
         plt.close(fig)
         written.append(path)
     written.append(_heatmaps(cells, out, plt))
+    written.append(_accuracy_by_length(rows, out, plt))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in sorted({r["method"] for r in rows if not is_variant(r["method"])}):
         points = sorted((r["length"], r["tokens_per_s"]) for r in rows if r["method"] == method and r["length"])
@@ -307,6 +308,33 @@ def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) ->
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _accuracy_by_length(rows: list[dict[str, Any]], out: Path, plt: Any) -> Path:
+    """Task-average accuracy per length with its interval, one line per preset and peer: where a method
+    starts to fall away from full attention as the context grows."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({r["method"] for r in rows if not is_variant(r["method"])}, key=lambda m: (m != REFERENCE, m))
+    for i, method in enumerate(methods):
+        points = sorted((r["length"], r) for r in rows if r["method"] == method and r["length"])
+        shift = 1 + 0.012 * (i - len(methods) / 2)  # side by side, so the intervals stay readable
+        ax.errorbar([n * shift for n, _ in points], [100 * r["accuracy"] for _, r in points],
+                    yerr=[[100 * (r["accuracy"] - r["ci_low"]) for _, r in points],
+                          [100 * (r["ci_high"] - r["accuracy"]) for _, r in points]],
+                    marker="o", markersize=3, capsize=2, linewidth=2.5 if method == REFERENCE else 1,
+                    color="black" if method == REFERENCE else None, label=method)
+    lengths = sorted({r["length"] for r in rows if r["length"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("task-average accuracy (%, 95 % interval)")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    path = out / "accuracy-vs-length.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _heatmaps(cells: list[dict[str, Any]], out: Path, plt: Any) -> Path:
@@ -348,8 +376,12 @@ def write_report(out: Path, output: Path | None = None, ablations: Sequence[Path
     target = Path(output) if output else out / "RESULTS.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.parent.resolve() != out.resolve():
-        for image in images:
-            shutil.copy(image, target.parent / image.name)
+        # a second page beside RESULTS.md (another model's grid) names its plots after itself
+        prefix = "" if target.stem == "RESULTS" else f"{target.stem.lower()}-"
+        copies = [target.parent / f"{prefix}{image.name}" for image in images]
+        for image, copy in zip(images, copies):
+            shutil.copy(image, copy)
+        images = copies
     env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").exists() else {}
     lengths = sorted({c["length"] for c in cells})
     text = [
@@ -361,8 +393,8 @@ def write_report(out: Path, output: Path | None = None, ablations: Sequence[Path
         + (f" --output {target}" if output else "") + "`.", "",
         "## Task-average accuracy (%, 95 % bootstrap interval) and memory", "",
         "Memory columns: bytes next to the model and bytes in total (model side + host), as a share of a full "
-        "fp16 cache of the same tokens, measured from the stored tensors (the model runs in float32, so `full` "
-        "holds 200 %).", "", markdown(rows), "",
+        "fp16 cache of the same tokens (a sliding-window layer's: its window), measured from the stored tensors (the "
+        "model runs in float32, so `full` holds 200 %).", "", markdown(rows), "",
         "## Difference to full attention per length (points, paired 95 % interval)", "", markdown_deltas(rows), "",
         "## Per task (all lengths, %)", "", markdown_tasks(rows), "",
         "## Head to head (all lengths, paired on the questions both answered)", "",
