@@ -345,6 +345,11 @@ def test_a_run_is_cached_per_cell_and_resumes(tmp_path, monkeypatch):
     data = json.loads(cells[0].read_text())
     assert data["questions"][0]["answers"] and 0 <= data["questions"][0]["score"] <= 1
     assert data["memory"]["total_ratio"] == pytest.approx(2.0, rel=0.01), "a float32 DynamicCache holds 2x fp16"
+    environment = json.loads((tmp_path / "environment.json").read_text())
+    environment["frame"] = ["<bos>", "\nAnswer:"]  # cells prompted another way (another model's frame)
+    (tmp_path / "environment.json").write_text(json.dumps(environment))
+    with pytest.raises(ValueError, match="its own --out"):
+        run(plan)
 
 
 def test_a_cell_is_rerun_when_its_method_changes_definition(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from hcmemory import HCCache, HCConfig, HCContext, cache_kwarg, load_model
 from hcmemory.checkpoint import CheckpointError, check_compatible
 from hcmemory.codecs import IdentityCodec
+from hcmemory.eval.runner import frame
 from hcmemory.models import EMBEDDED_MODELS, GLOBAL, SLIDING, embedded_model, layer_kinds, model_dir
 from hcmemory.models.gguf import extract_gguf
 from hcmemory.prefill import prefill
@@ -169,6 +170,7 @@ def test_gemma_270m_full_is_exact_and_finds_the_needle(gemma_270m, tmp_path):
     kinds = layer_kinds(config)
     assert [i for i, kind in enumerate(kinds) if kind == GLOBAL] == [5, 11, 17]
     assert not tokenizer.chat_template  # a base model: questions are completions ("...\nAnswer:")
+    assert frame(tokenizer) == ("<bos>", "\nAnswer:")  # the eval starts its haystacks as Gemma was trained to
     assert (model_dir(EMBEDDED_MODELS["gemma-3-270m"]) / "GEMMA_TERMS.html").is_file()
 
     filler = ("The harbour town woke slowly. Fishing boats left before dawn and came back at noon with their catch. "

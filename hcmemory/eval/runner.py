@@ -70,9 +70,15 @@ class Plan:
 
 
 def frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """(text before the haystack, text after each question)."""
+    """(text before the haystack, text after each question).
+
+    A base model (no chat template) gets a completion: its beginning-of-text token when its tokenizer
+    adds one (measured on Gemma 3 270M: without ``<bos>`` full attention loses needles at 8K and at 32K
+    only repeats "Answer:"), the haystack, the question, then ``Answer:``."""
     if not tokenizer.chat_template:
-        return "", "\nAnswer:"
+        ids = tokenizer("a").input_ids
+        starts = tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id
+        return (tokenizer.bos_token if starts else ""), "\nAnswer:"
     marker = "\x00HAYSTACK\x00"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
                                          add_generation_prompt=True)
@@ -119,11 +125,13 @@ def run(plan: Plan) -> Path:
         raise ValueError(f"length {max(plan.lengths)} plus a question exceeds the model's window of {limit} tokens")
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
+    before, after = frame(tokenizer)
+    _check_frame(out, [before, after])
     (out / "environment.json").write_text(json.dumps({**environment(), "model": plan.model or "SmolLM2-135M-Instruct",
                                                       "fillers": list(plan.fillers), "first_seed": plan.first_seed,
+                                                      "frame": [before, after],
                                                       "skipped": sorted(set(plan.methods) - {m.spec for m in methods})},
                                                      indent=2))
-    before, after = frame(tokenizer)
     cases = _interleaved([cases_for(task, length, plan.questions, tokenizer, plan.first_seed, plan.fillers)
                           for length in plan.lengths for task in plan.tasks])
     with tqdm(total=len(cases) * len(methods), desc="eval", unit="cell") as bar:
@@ -155,6 +163,18 @@ def run(plan: Plan) -> Path:
                     references = [a.ids for a in answers]
                 bar.update()
     return out
+
+
+def _check_frame(out: Path, current: list[str]) -> None:
+    """Refuse to resume a results directory whose cells were prompted with another frame: a cell is keyed
+    by its haystack and questions, so it would be reused although its prompt differed."""
+    try:
+        stored = json.loads((out / "environment.json").read_text()).get("frame")
+    except (OSError, ValueError):
+        return
+    if stored is not None and stored != current and any(out.glob("cells/*/*.json")):
+        raise ValueError(f"{out} holds cells prompted as {stored!r} around each haystack and question, this model "
+                         f"and version prompt as {current!r}; give this run its own --out")
 
 
 def _interleaved(groups: list[list[Case]]) -> list[Case]:
