@@ -208,6 +208,12 @@ def test_a_recording_in_chunks_is_the_one_pass_prefill(monkeypatch):
         torch.testing.assert_close(cos_a, cos_b) and torch.testing.assert_close(sin_a, sin_b)
     sliding, global_ = chunked.position_embeddings[0][0], chunked.position_embeddings[1][0]
     assert not torch.equal(sliding, global_)  # Gemma 3 rotates its two kinds of layers with different bases
+    plain = DynamicCache()  # every row of every layer, the sliding ones masked to their window instead
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([ids]), **cache_kwarg(model, plain))
+    for layer, keys, values in zip(plain.layers, chunked.keys, chunked.values):
+        torch.testing.assert_close(keys, layer.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(values, layer.values, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.core

@@ -32,6 +32,7 @@ import inspect
 import json
 import logging
 import re
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,6 +145,25 @@ def cache_bytes(model: torch.nn.Module, cache: Any) -> int:
     return total
 
 
+class _RecordingCache(DynamicCache):
+    """The model's own cache, which also keeps every key and value row it is given.
+
+    The prefill attends as the model does (a sliding layer over its window only: at 32K, Gemma 3's 15
+    sliding layers would otherwise each attend over every row), while the recording holds every layer's
+    whole context, a sliding layer's too, for the methods built from it."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config=config)
+        self.given_keys: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
+        self.given_values: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.given_keys[layer_idx].append(key_states)
+        self.given_values[layer_idx].append(value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 RECORD_CHUNK = 2048
 """Tokens per forward of the recorded prefill: one pass over 32K tokens would hold every layer's 32K x 32K
 attention scores (Gemma 3's full-length mask included); chunks keep that to 2K x 32K."""
@@ -151,7 +171,7 @@ attention scores (Gemma 3's full-length mask included); chunks keep that to 2K x
 
 @torch.no_grad()
 def record(model: torch.nn.Module, context_ids: list[int]) -> Recording:
-    """Prefill ``context_ids`` with a DynamicCache, in chunks, keeping what every press needs."""
+    """Prefill ``context_ids`` in chunks, keeping every layer's keys and values and what every press needs."""
     rec = Recording(len(context_ids))
     layers = model.model.layers
     hidden: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -165,17 +185,15 @@ def record(model: torch.nn.Module, context_ids: list[int]) -> Recording:
 
     handles = [layer.self_attn.register_forward_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        # no config: every layer keeps all its rows, a sliding-window one (Gemma 3's) too, so the recording
-        # is the whole context whatever the model; the sliding layers' masks still limit what they see
-        cache = DynamicCache()
+        cache = _RecordingCache(model.config)
         ids = torch.tensor([context_ids], device=next(model.parameters()).device)
         for start in range(0, ids.shape[1], RECORD_CHUNK):
             model.model(input_ids=ids[:, start:start + RECORD_CHUNK], use_cache=True, **cache_kwarg(model, cache))
     finally:
         for handle in handles:
             handle.remove()
-    rec.keys = [layer.keys for layer in cache.layers]
-    rec.values = [layer.values for layer in cache.layers]
+    rec.keys = [torch.cat(cache.given_keys[i], dim=-2) for i in range(len(layers))]
+    rec.values = [torch.cat(cache.given_values[i], dim=-2) for i in range(len(layers))]
     rec.hidden = [torch.cat(parts, dim=1) for parts in hidden]
     rec.position_embeddings = [(torch.cat([c for c, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=1))
                                for parts in embeddings]
