@@ -165,8 +165,8 @@ class _RecordingCache(DynamicCache):
 
 
 RECORD_CHUNK = 2048
-"""Tokens per forward of the recorded prefill: one pass over 32K tokens would hold every layer's 32K x 32K
-attention scores (Gemma 3's full-length mask included); chunks keep that to 2K x 32K."""
+"""Tokens per forward of the recorded prefill: one pass over 32K tokens would hold a 32K x 32K causal mask
+and each global layer's 32K x 32K attention scores; chunks keep that to 2K x 32K."""
 
 
 @torch.no_grad()
