@@ -298,16 +298,20 @@ def plots(rows: list[dict[str, Any]], cells: list[dict[str, Any]], out: Path) ->
     for method in sorted({r["method"] for r in rows if not is_variant(r["method"])}):
         points = sorted((r["length"], r["tokens_per_s"]) for r in rows if r["method"] == method and r["length"])
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    written.append(_save_lines(plt, fig, ax, out / "speed-vs-length.png", "context tokens per second of evaluation"))
+    return written
+
+
+def _save_lines(plt: Any, fig: Any, ax: Any, path: Path, ylabel: str) -> Path:
+    """Label, legend and write a plot of one line per method over the context length."""
     ax.set_xlabel("context tokens")
-    ax.set_ylabel("context tokens per second of evaluation")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
-    path = out / "speed-vs-length.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 def _accuracy_by_length(rows: list[dict[str, Any]], out: Path, plt: Any) -> Path:
@@ -326,15 +330,7 @@ def _accuracy_by_length(rows: list[dict[str, Any]], out: Path, plt: Any) -> Path
     lengths = sorted({r["length"] for r in rows if r["length"]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("task-average accuracy (%, 95 % interval)")
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
-    path = out / "accuracy-vs-length.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_lines(plt, fig, ax, out / "accuracy-vs-length.png", "task-average accuracy (%, 95 % interval)")
 
 
 def _heatmaps(cells: list[dict[str, Any]], out: Path, plt: Any) -> Path:
