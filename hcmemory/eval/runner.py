@@ -7,7 +7,9 @@ changed is recomputed instead of being reused.
 
 Prompts are the same for every method: the haystack opens a user turn of the model's chat
 template, each question closes it (``"\\n\\n" + question`` + the template's end of turn and the
-assistant's opening) — the framing kvpress's pipeline uses, and ``HCContext`` for documents.
+assistant's opening) — the framing kvpress's pipeline uses, and ``HCContext`` for documents.  A base
+model (no chat template) reads a completion instead (``frame``).  The frame is recorded with the
+results, and a directory prompted another way is not resumed.
 """
 
 from __future__ import annotations
