@@ -96,7 +96,7 @@ bench: venv venv-compat model
 
 # The second model's grid: Gemma 3 270M from 2K to 32,512 tokens (its 32,768 positions less room for a
 # question), the presets, quanto int4 and the kvpress presses at 12.5 % and 40 %, report in
-# docs/RESULTS-gemma.md.  Resumable, round-robin over tasks and lengths; about 17 CPU-minutes per 32K
+# docs/RESULTS-gemma.md.  Resumable, round-robin over tasks and lengths; 30-45 minutes per 32K
 # haystack at one thread (docs/ACCURACY.md, "Gemma 3 270M").
 GEMMA_OUT ?= benchmarks/results/eval-gemma
 GEMMA_METHODS ?= full hc-25 hc-12.5 compact quanto-4 kvpress:SnapKV@0.125 kvpress:StreamingLLM@0.125 \
